@@ -1,0 +1,61 @@
+"""The model registry: every GAN behind one step contract.
+
+`MODELS[name]` is a ModelSpec with
+- `Config`: dataclass of architecture, loss weights and optimiser settings (the paper's defaults);
+- `build_nets(cfg) -> nn.ModuleDict` keyed by role (`G_ab`, `G_ba`, `D_a`, `D_b`; BicycleGAN
+  `G`, `E`, `D`, `D2`; CoGAN one coupled `G` and one coupled `D`);
+- `make_optimizers(cfg, nets) -> dict[str, Optimizer]`;
+- `train_step(cfg, nets, optimizers, batch, state) -> dict[str, float]`: one generator update
+  with the model's own discriminator updates; never changes train/eval modes, never logs, never
+  does I/O; `state` is a dict the caller keeps and checkpoints (image pools, step counter);
+- `translate(cfg, nets, x, direction="ab", z=None) -> Tensor`: inference only, no grad, no mode
+  changes (CoGAN returns a generated pair);
+- `directions`: the directions `translate` supports, and `generator_for` the net serving each.
+`batch` is {"a": Tensor, "b": Tensor}, N×C×H×W in [-1, 1].
+"""
+
+from dataclasses import dataclass
+from types import ModuleType
+
+from models import bicyclegan, cogan, cyclegan, dualgan, pix2pix
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    module: ModuleType
+    directions: tuple[str, ...]
+    generator_for: dict
+    paired: bool  # trains on aligned pairs (True) or unpaired samples (False)
+
+    @property
+    def Config(self):  # noqa: N802 - the contract's name for the config class
+        return self.module.Config
+
+    def build_nets(self, cfg):
+        return self.module.build_nets(cfg)
+
+    def make_optimizers(self, cfg, nets):
+        return self.module.make_optimizers(cfg, nets)
+
+    def train_step(self, cfg, nets, optimizers, batch, state):
+        return self.module.train_step(cfg, nets, optimizers, batch, state)
+
+    def translate(self, cfg, nets, x, direction="ab", z=None):
+        return self.module.translate(cfg, nets, x, direction=direction, z=z)
+
+
+class Registry(dict):
+    def __missing__(self, name):
+        raise KeyError(f"unknown model {name!r}; valid models: {', '.join(sorted(self))}")
+
+
+MODELS = Registry({
+    "cyclegan": ModelSpec("cyclegan", cyclegan, ("ab", "ba"), {"ab": "G_ab", "ba": "G_ba"}, paired=False),
+    "dualgan": ModelSpec("dualgan", dualgan, ("ab", "ba"), {"ab": "G_ab", "ba": "G_ba"}, paired=False),
+    "bicyclegan": ModelSpec("bicyclegan", bicyclegan, ("ab",), {"ab": "G"}, paired=True),
+    "cogan": ModelSpec("cogan", cogan, ("pair",), {"pair": "G"}, paired=False),
+    "pix2pix": ModelSpec("pix2pix", pix2pix, ("ab",), {"ab": "G_ab"}, paired=True),
+})
+
+__all__ = ["MODELS", "ModelSpec"]

@@ -1,0 +1,156 @@
+"""DualGAN (Yi et al., ICCV 2017), seed 000 and duxingren14/DualGAN.
+
+Names: the paper's G_A: U→V and G_B: V→U are `G_ab` and `G_ba`; D_A (judging V) and D_B
+(judging U) are `D_b` and `D_a`. λ_U and λ_V are `lambda_a` and `lambda_b`, the weights of the
+reconstruction errors of domain a and domain b.
+
+Defaults follow the paper's recipe: WGAN loss with weight clipping 0.01, n_critic critic updates
+per generator update, RMSProp at 5e-5, λ = 500, batch size 1. (The public TF code trains G twice
+per critic step with a cross-entropy loss; the paper's WGAN schedule is the one reproduced here.)
+The generator norm is a choice (`batch | batch_renorm | instance | none`): seed 000 is about how
+batch norm's running statistics make eval-mode outputs differ from train-mode ones.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.layers import PatchDiscriminator, UnetGenerator, init_weights, set_requires_grad
+from models.losses import discriminator_loss, gan_loss, gradient_penalty
+from models.norms import NORM_KINDS
+
+DUALGAN_LOSSES = ("wgan", "wgan-gp", "lsgan")
+
+
+@dataclass
+class Config:
+    channels_a: int = 3
+    channels_b: int = 3
+    ngf: int = 64
+    ndf: int = 64
+    num_downs: int = 8  # U-Net depth: 8 for 256², 5 for 32²
+    n_layers_d: int = 3
+    norm: str = "batch"  # generator norm: batch | batch_renorm | instance | none
+    critic_norm: str = "auto"  # auto = batch, or none for wgan-gp (its penalty is per sample)
+    use_dropout: bool = True
+    loss: str = "wgan"  # wgan | wgan-gp | lsgan
+    n_critic: int = 2
+    clip_value: float = 0.01
+    gp_weight: float = 10.0
+    lambda_a: float = 500.0
+    lambda_b: float = 500.0
+    recon_metric: str = "l1"  # l1 | l2
+    optimizer: str = "rmsprop"  # rmsprop | adam
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.5, 0.999)  # only for optimizer=adam
+    init_gain: float = 0.02
+
+
+def critic_norm(cfg):
+    if cfg.critic_norm == "auto":
+        return "none" if cfg.loss == "wgan-gp" else "batch"
+    if cfg.loss == "wgan-gp" and cfg.critic_norm in ("batch", "batch_renorm"):
+        raise ValueError("a WGAN-GP critic takes no batch norm (the gradient penalty is per sample): "
+                         "set critic_norm to instance, none or auto")
+    return cfg.critic_norm
+
+
+def validate(cfg):
+    if cfg.loss not in DUALGAN_LOSSES:
+        raise ValueError(f"unknown DualGAN loss {cfg.loss!r}; choose one of {', '.join(DUALGAN_LOSSES)}")
+    if cfg.norm not in NORM_KINDS:
+        raise ValueError(f"unknown norm {cfg.norm!r}; choose one of {', '.join(NORM_KINDS)}")
+    if cfg.recon_metric not in ("l1", "l2"):
+        raise ValueError(f"recon_metric must be l1 or l2, got {cfg.recon_metric!r}")
+    if cfg.n_critic < 1:
+        raise ValueError(f"n_critic must be >= 1, got {cfg.n_critic}")
+
+
+def build_nets(cfg):
+    validate(cfg)
+    g = lambda c_in, c_out: UnetGenerator(c_in, c_out, cfg.num_downs, cfg.ngf, cfg.norm, cfg.use_dropout)  # noqa: E731
+    d = lambda c: PatchDiscriminator(c, cfg.ndf, cfg.n_layers_d, critic_norm(cfg))  # noqa: E731
+    nets = nn.ModuleDict({
+        "G_ab": g(cfg.channels_a, cfg.channels_b), "G_ba": g(cfg.channels_b, cfg.channels_a),
+        "D_a": d(cfg.channels_a), "D_b": d(cfg.channels_b),
+    })
+    return init_weights(nets, cfg.init_gain)
+
+
+def make_optimizers(cfg, nets):
+    def opt(*names):
+        params = [p for n in names for p in nets[n].parameters()]
+        if cfg.optimizer == "rmsprop":
+            return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.9)  # TF's RMSProp decay=0.9
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas))
+        raise ValueError(f"optimizer must be rmsprop or adam, got {cfg.optimizer!r}")
+    return {"G": opt("G_ab", "G_ba"), "D": opt("D_a", "D_b")}
+
+
+def recon_error(x, target, metric):
+    return F.l1_loss(x.float(), target.float()) if metric == "l1" else F.mse_loss(x.float(), target.float())
+
+
+def critic_step(cfg, nets, optimizers, real_a, real_b):
+    with torch.no_grad():
+        fake_b, fake_a = nets["G_ab"](real_a), nets["G_ba"](real_b)
+    optimizers["D"].zero_grad(set_to_none=True)
+    loss_b = discriminator_loss(nets["D_b"], real_b, fake_b, cfg.loss)
+    loss_a = discriminator_loss(nets["D_a"], real_a, fake_a, cfg.loss)
+    out = {"loss/D/a": loss_a, "loss/D/b": loss_b}
+    total = loss_a + loss_b
+    if cfg.loss == "wgan-gp":
+        out["loss/D/gp_a"] = gradient_penalty(nets["D_a"], real_a, fake_a, cfg.gp_weight)
+        out["loss/D/gp_b"] = gradient_penalty(nets["D_b"], real_b, fake_b, cfg.gp_weight)
+        total = total + out["loss/D/gp_a"] + out["loss/D/gp_b"]
+    total.backward()
+    optimizers["D"].step()
+    if cfg.loss == "wgan":
+        with torch.no_grad():
+            for name in ("D_a", "D_b"):
+                for p in nets[name].parameters():
+                    p.clamp_(-cfg.clip_value, cfg.clip_value)
+    return out
+
+
+def generator_step(cfg, nets, optimizers, real_a, real_b):
+    G_ab, G_ba, D_a, D_b = nets["G_ab"], nets["G_ba"], nets["D_a"], nets["D_b"]
+    set_requires_grad([D_a, D_b], False)
+    optimizers["G"].zero_grad(set_to_none=True)
+    fake_b, fake_a = G_ab(real_a), G_ba(real_b)
+    out = {
+        "loss/G/gan_ab": gan_loss(D_b(fake_b), True, cfg.loss),
+        "loss/G/gan_ba": gan_loss(D_a(fake_a), True, cfg.loss),
+        "loss/G/recon_a": recon_error(G_ba(fake_b), real_a, cfg.recon_metric) * cfg.lambda_a,
+        "loss/G/recon_b": recon_error(G_ab(fake_a), real_b, cfg.recon_metric) * cfg.lambda_b,
+    }
+    out["loss/G/total"] = sum(out.values())
+    out["loss/G/total"].backward()
+    optimizers["G"].step()
+    set_requires_grad([D_a, D_b], True)
+    return out
+
+
+def train_step(cfg, nets, optimizers, batch, state):
+    """n_critic critic updates (on this batch), then one update of both generators."""
+    state.setdefault("step", 0)
+    real_a, real_b = batch["a"], batch["b"]
+    for _ in range(cfg.n_critic):
+        out = critic_step(cfg, nets, optimizers, real_a, real_b)
+    out.update(generator_step(cfg, nets, optimizers, real_a, real_b))
+    if cfg.loss in ("wgan", "wgan-gp"):
+        # −(critic loss) estimates the Wasserstein distance: the curve WGAN users watch.
+        out["loss/D/wasserstein_a"] = -out["loss/D/a"]
+        out["loss/D/wasserstein_b"] = -out["loss/D/b"]
+    state["step"] += 1
+    return {k: float(v.detach()) for k, v in out.items()}
+
+
+@torch.no_grad()
+def translate(cfg, nets, x, direction="ab", z=None):
+    if direction not in ("ab", "ba"):
+        raise ValueError(f"direction must be 'ab' or 'ba', got {direction!r}")
+    return nets["G_" + direction](x)

@@ -1,0 +1,141 @@
+"""Normalisation layers chosen by name, and Batch Renormalization.
+
+Seed 000 (DualGAN) is about Batch Norm giving different outputs in training and inference mode:
+training normalises with the batch's statistics, inference with running averages that the
+network never saw while it learned. Batch Renorm (Ioffe 2017) trains with the batch statistics
+corrected towards the running ones (r, d), so both modes agree; Instance Norm has no running
+statistics at all. `norm_layer(kind, c)` builds any of them so a config can choose.
+"""
+
+import torch
+from torch import nn
+
+NORM_KINDS = ("batch", "batch_renorm", "instance", "none")
+
+
+class BatchRenorm2d(nn.Module):
+    """Batch Renormalization over N, H, W for N×C×H×W input.
+
+    Training: x̂ = (x − μ_B)/σ_B · r + d with r = clip(σ_B/σ, 1/rmax, rmax) and
+    d = clip((μ_B − μ)/σ, −dmax, dmax), both treated as constants (no gradient), then the running
+    mean and variance move towards the batch's by `momentum`. Eval: x̂ = (x − μ)/σ.
+    σ = sqrt(running_var + eps). With rmax=1, dmax=0 training output equals BatchNorm2d's.
+
+    `rmax` and `dmax` are buffers so that the training loop can anneal them (the paper warms up
+    rmax 1→3 and dmax 0→5) and so that checkpoints carry them. Statistics are computed in fp32
+    even under autocast, since bf16 variances of large activations lose most of their digits.
+    Running stats are stored as mean and (unbiased) variance, as BatchNorm2d does, so state dicts
+    convert between the two.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.01, rmax=3.0, dmax=5.0, affine=True):
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("rmax", torch.tensor(float(rmax)))
+        self.register_buffer("dmax", torch.tensor(float(dmax)))
+
+    def extra_repr(self):
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"rmax={float(self.rmax):g}, dmax={float(self.dmax):g}, affine={self.affine}")
+
+    def set_limits(self, rmax=None, dmax=None):
+        if rmax is not None:
+            if rmax < 1.0:
+                raise ValueError(f"BatchRenorm2d rmax must be >= 1 (1 means plain batch norm), got {rmax}")
+            self.rmax.fill_(float(rmax))
+        if dmax is not None:
+            if dmax < 0.0:
+                raise ValueError(f"BatchRenorm2d dmax must be >= 0, got {dmax}")
+            self.dmax.fill_(float(dmax))
+
+    def forward(self, x):
+        if x.dim() != 4:
+            raise ValueError(f"BatchRenorm2d expects N×C×H×W input, got shape {tuple(x.shape)}")
+        stat_dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x32 = x.to(stat_dtype)
+            if self.training:
+                y = self._train_normalise(x32)
+            else:
+                y = self._eval_normalise(x32)
+            if self.affine:
+                y = y * self.weight.to(stat_dtype)[None, :, None, None] + self.bias.to(stat_dtype)[None, :, None, None]
+        return y.to(x.dtype)
+
+    def _train_normalise(self, x):
+        n = x.numel() // x.shape[1]
+        if n < 2:
+            raise ValueError("BatchRenorm2d needs more than one value per channel in training mode")
+        mean_b = x.mean(dim=(0, 2, 3))
+        var_b = x.var(dim=(0, 2, 3), unbiased=False)
+        std_b = torch.sqrt(var_b + self.eps)
+        running_std = torch.sqrt(self.running_var.to(x.dtype) + self.eps)
+        rmax, dmax = self.rmax.to(x.dtype), self.dmax.to(x.dtype)
+        with torch.no_grad():
+            r = torch.clamp(std_b / running_std, 1.0 / rmax, rmax)
+            d = torch.clamp((mean_b - self.running_mean.to(x.dtype)) / running_std, -dmax, dmax)
+            self._update_running(mean_b, var_b * n / (n - 1))
+        x_hat = (x - mean_b[None, :, None, None]) / std_b[None, :, None, None]
+        return x_hat * r[None, :, None, None] + d[None, :, None, None]
+
+    def _update_running(self, mean_b, var_unbiased):
+        self.running_mean.lerp_(mean_b.to(self.running_mean.dtype), self.momentum)
+        self.running_var.lerp_(var_unbiased.to(self.running_var.dtype), self.momentum)
+        self.num_batches_tracked.add_(1)
+
+    def _eval_normalise(self, x):
+        mean = self.running_mean.to(x.dtype)[None, :, None, None]
+        std = torch.sqrt(self.running_var.to(x.dtype) + self.eps)[None, :, None, None]
+        return (x - mean) / std
+
+
+def norm_layer(kind, num_features):
+    """A 2-d norm layer by name: batch | batch_renorm | instance | none."""
+    if kind == "batch":
+        return nn.BatchNorm2d(num_features)
+    if kind == "batch_renorm":
+        return BatchRenorm2d(num_features)
+    if kind == "instance":
+        # As in CycleGAN: no affine, no running statistics; identical in both modes.
+        return nn.InstanceNorm2d(num_features, affine=False, track_running_stats=False)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm kind {kind!r}; choose one of {', '.join(NORM_KINDS)}")
+
+
+def conv_bias(kind):
+    """Convs before a norm with its own shift need no bias (pix2pix's rule)."""
+    return kind not in ("batch", "batch_renorm")
+
+
+def set_renorm_limits(module, rmax=None, dmax=None):
+    """Set rmax/dmax on every BatchRenorm2d inside `module` (the loop's warm-up uses this)."""
+    count = 0
+    for m in module.modules():
+        if isinstance(m, BatchRenorm2d):
+            m.set_limits(rmax, dmax)
+            count += 1
+    return count
+
+
+def renorm_warmup(step, warmup_steps, rmax_final=3.0, dmax_final=5.0, start_step=0):
+    """The paper's schedule: rmax 1→rmax_final and dmax 0→dmax_final linearly over warmup_steps.
+
+    Returns (rmax, dmax) for `step`. Before `start_step` the layer behaves as batch norm.
+    """
+    if warmup_steps <= 0:
+        return rmax_final, dmax_final
+    t = min(max(step - start_step, 0) / warmup_steps, 1.0)
+    return 1.0 + t * (rmax_final - 1.0), t * dmax_final

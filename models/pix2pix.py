@@ -1,0 +1,76 @@
+"""pix2pix (Isola et al., CVPR 2017): BicycleGAN's baseline, from the same parts.
+
+U-Net generator (batch norm, dropout), conditional 70×70 PatchGAN that sees A and B stacked,
+vanilla GAN loss plus L1 weighted 100, Adam 2e-4 (0.5, 0.999); D is updated, then G, as the
+reference code does. Names: netG is `G_ab`, netD is `D`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.layers import PatchDiscriminator, UnetGenerator, init_weights, set_requires_grad
+from models.losses import gan_loss
+
+
+@dataclass
+class Config:
+    channels_a: int = 3
+    channels_b: int = 3
+    ngf: int = 64
+    ndf: int = 64
+    num_downs: int = 8
+    n_layers_d: int = 3
+    norm: str = "batch"
+    use_dropout: bool = True
+    gan_mode: str = "vanilla"
+    lambda_l1: float = 100.0
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    init_gain: float = 0.02
+
+
+def build_nets(cfg):
+    nets = nn.ModuleDict({
+        "G_ab": UnetGenerator(cfg.channels_a, cfg.channels_b, cfg.num_downs, cfg.ngf, cfg.norm, cfg.use_dropout),
+        "D": PatchDiscriminator(cfg.channels_a + cfg.channels_b, cfg.ndf, cfg.n_layers_d, cfg.norm),
+    })
+    return init_weights(nets, cfg.init_gain)
+
+
+def make_optimizers(cfg, nets):
+    return {name: torch.optim.Adam(nets[key].parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+            for name, key in (("G", "G_ab"), ("D", "D"))}
+
+
+def train_step(cfg, nets, optimizers, batch, state):
+    """One D update on (A, B) vs (A, G(A)), then one G update (GAN + λ·L1)."""
+    state.setdefault("step", 0)
+    a, b = batch["a"], batch["b"]
+    fake = nets["G_ab"](a)
+    optimizers["D"].zero_grad(set_to_none=True)
+    d_real = gan_loss(nets["D"](torch.cat([a, b], 1)), True, cfg.gan_mode)
+    d_fake = gan_loss(nets["D"](torch.cat([a, fake.detach()], 1)), False, cfg.gan_mode)
+    loss_d = 0.5 * (d_real + d_fake)
+    loss_d.backward()
+    optimizers["D"].step()
+
+    set_requires_grad([nets["D"]], False)
+    optimizers["G"].zero_grad(set_to_none=True)
+    g_gan = gan_loss(nets["D"](torch.cat([a, fake], 1)), True, cfg.gan_mode)
+    g_l1 = F.l1_loss(fake.float(), b.float()) * cfg.lambda_l1
+    (g_gan + g_l1).backward()
+    optimizers["G"].step()
+    set_requires_grad([nets["D"]], True)
+    state["step"] += 1
+    out = {"loss/D/total": loss_d, "loss/G/gan": g_gan, "loss/G/l1": g_l1, "loss/G/total": g_gan + g_l1}
+    return {k: float(v.detach()) for k, v in out.items()}
+
+
+@torch.no_grad()
+def translate(cfg, nets, x, direction="ab", z=None):
+    if direction != "ab":
+        raise ValueError(f"pix2pix translates a → b only, got {direction!r}")
+    return nets["G_ab"](x)
