@@ -41,11 +41,13 @@ def upsampling_plan(image_size):
     if image_size % 4:
         raise ValueError(f"CoGAN image_size must be a multiple of 4 (28 or 32), got {image_size}")
     n_up = 3 if image_size % 8 == 0 else 2
-    return image_size // 2 ** n_up, n_up
+    return image_size // 2**n_up, n_up
 
 
 def up_block(c_in, c_out):
-    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True))
+    return nn.Sequential(
+        nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)
+    )
 
 
 class CoupledGenerator(nn.Module):
@@ -56,8 +58,11 @@ class CoupledGenerator(nn.Module):
         start, n_up = upsampling_plan(cfg.image_size)
         width = cfg.ngf * 2 ** (n_up - 1)
         self.start, self.width = start, width
-        self.fc = nn.Sequential(nn.Linear(cfg.nz, width * start * start, bias=False),
-                                nn.BatchNorm1d(width * start * start), nn.ReLU(True))
+        self.fc = nn.Sequential(
+            nn.Linear(cfg.nz, width * start * start, bias=False),
+            nn.BatchNorm1d(width * start * start),
+            nn.ReLU(True),
+        )
         blocks = []
         for _ in range(n_up - 1):
             blocks.append(up_block(width, width // 2))
@@ -90,8 +95,11 @@ class CoupledDiscriminator(nn.Module):
         self.head_a, self.head_b = first(cfg.channels_a), first(cfg.channels_b)
         size = cfg.image_size // 4
         self.shared = nn.Sequential(
-            nn.Conv2d(ndf, ndf * 2, 4, 2, 1), nn.LeakyReLU(0.2, True),
-            nn.Flatten(), nn.Linear(ndf * 2 * size * size, 1))
+            nn.Conv2d(ndf, ndf * 2, 4, 2, 1),
+            nn.LeakyReLU(0.2, True),
+            nn.Flatten(),
+            nn.Linear(ndf * 2 * size * size, 1),
+        )
 
     def shared_parameters(self):
         return list(self.shared.parameters())
@@ -110,8 +118,10 @@ def build_nets(cfg):
 
 
 def make_optimizers(cfg, nets):
-    return {name: torch.optim.Adam(nets[name].parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
-            for name in ("G", "D")}
+    return {
+        name: torch.optim.Adam(nets[name].parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+        for name in ("G", "D")
+    }
 
 
 def sample_z(cfg, n, like):
@@ -138,7 +148,10 @@ def generator_step(cfg, nets, optimizers, n, like):
     set_requires_grad([nets["D"]], False)
     optimizers["G"].zero_grad(set_to_none=True)
     score_a, score_b = nets["D"](*nets["G"](sample_z(cfg, n, like)))
-    out = {"loss/G/a": gan_loss(score_a, True, cfg.gan_mode), "loss/G/b": gan_loss(score_b, True, cfg.gan_mode)}
+    out = {
+        "loss/G/a": gan_loss(score_a, True, cfg.gan_mode),
+        "loss/G/b": gan_loss(score_b, True, cfg.gan_mode),
+    }
     (out["loss/G/a"] + out["loss/G/b"]).backward()
     optimizers["G"].step()
     set_requires_grad([nets["D"]], True)

@@ -29,7 +29,12 @@ class ResnetBlock(nn.Module):
     def __init__(self, dim, norm="instance", use_dropout=False):
         super().__init__()
         bias = conv_bias(norm)
-        layers = [nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, bias=bias), norm_layer(norm, dim), nn.ReLU(True)]
+        layers = [
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(dim, dim, 3, bias=bias),
+            norm_layer(norm, dim),
+            nn.ReLU(True),
+        ]
         if use_dropout:
             layers.append(nn.Dropout(0.5))
         layers += [nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, bias=bias), norm_layer(norm, dim)]
@@ -46,15 +51,23 @@ class ResnetGenerator(nn.Module):
     def __init__(self, in_channels=3, out_channels=3, ngf=64, norm="instance", n_blocks=9, use_dropout=False):
         super().__init__()
         bias = conv_bias(norm)
-        layers = [nn.ReflectionPad2d(3), nn.Conv2d(in_channels, ngf, 7, bias=bias), norm_layer(norm, ngf), nn.ReLU(True)]
+        layers = [
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(in_channels, ngf, 7, bias=bias),
+            norm_layer(norm, ngf),
+            nn.ReLU(True),
+        ]
         c = ngf
         for _ in range(2):
             layers += [nn.Conv2d(c, c * 2, 3, 2, 1, bias=bias), norm_layer(norm, c * 2), nn.ReLU(True)]
             c *= 2
         layers += [ResnetBlock(c, norm, use_dropout) for _ in range(n_blocks)]
         for _ in range(2):
-            layers += [nn.ConvTranspose2d(c, c // 2, 3, 2, 1, output_padding=1, bias=bias),
-                       norm_layer(norm, c // 2), nn.ReLU(True)]
+            layers += [
+                nn.ConvTranspose2d(c, c // 2, 3, 2, 1, output_padding=1, bias=bias),
+                norm_layer(norm, c // 2),
+                nn.ReLU(True),
+            ]
             c //= 2
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(c, out_channels, 7), nn.Tanh()]
         self.net = nn.Sequential(*layers)
@@ -65,7 +78,7 @@ class ResnetGenerator(nn.Module):
 
 def unet_widths(ngf, num_downs):
     """Channel width after each U-Net downsampling: ngf, 2ngf, 4ngf, then 8ngf (pix2pix)."""
-    return [ngf * min(2 ** i, 8) for i in range(num_downs)]
+    return [ngf * min(2**i, 8) for i in range(num_downs)]
 
 
 class UnetGenerator(nn.Module):
@@ -78,8 +91,17 @@ class UnetGenerator(nn.Module):
     pix2pix when `use_dropout`.
     """
 
-    def __init__(self, in_channels=3, out_channels=3, num_downs=8, ngf=64, norm="batch",
-                 use_dropout=False, nz=0, z_all_layers=False):
+    def __init__(
+        self,
+        in_channels=3,
+        out_channels=3,
+        num_downs=8,
+        ngf=64,
+        norm="batch",
+        use_dropout=False,
+        nz=0,
+        z_all_layers=False,
+    ):
         super().__init__()
         if num_downs < 2:
             raise ValueError(f"UnetGenerator needs num_downs >= 2, got {num_downs}")
@@ -139,10 +161,13 @@ class PatchDiscriminator(nn.Module):
         layers = [nn.Conv2d(in_channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
         mult = 1
         for n in range(1, n_layers + 1):
-            prev, mult = mult, min(2 ** n, 8)
+            prev, mult = mult, min(2**n, 8)
             stride = 2 if n < n_layers else 1
-            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=bias),
-                       norm_layer(norm, ndf * mult), nn.LeakyReLU(0.2, True)]
+            layers += [
+                nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=bias),
+                norm_layer(norm, ndf * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
         layers.append(nn.Conv2d(ndf * mult, 1, 4, 1, 1))
         self.net = nn.Sequential(*layers)
 
@@ -157,9 +182,14 @@ class EncoderBlock(nn.Module):
     def __init__(self, c_in, c_out, norm="instance"):
         super().__init__()
         self.body = nn.Sequential(
-            norm_layer(norm, c_in), nn.LeakyReLU(0.2, True), nn.Conv2d(c_in, c_in, 3, 1, 1),
-            norm_layer(norm, c_in), nn.LeakyReLU(0.2, True), nn.Conv2d(c_in, c_out, 3, 1, 1),
-            nn.AvgPool2d(2, 2))
+            norm_layer(norm, c_in),
+            nn.LeakyReLU(0.2, True),
+            nn.Conv2d(c_in, c_in, 3, 1, 1),
+            norm_layer(norm, c_in),
+            nn.LeakyReLU(0.2, True),
+            nn.Conv2d(c_in, c_out, 3, 1, 1),
+            nn.AvgPool2d(2, 2),
+        )
         self.shortcut = nn.Sequential(nn.AvgPool2d(2, 2), nn.Conv2d(c_in, c_out, 1))
 
     def forward(self, x):

@@ -47,8 +47,10 @@ class BatchRenorm2d(nn.Module):
         self.register_buffer("dmax", torch.tensor(float(dmax)))
 
     def extra_repr(self):
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"rmax={float(self.rmax):g}, dmax={float(self.dmax):g}, affine={self.affine}")
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"rmax={float(self.rmax):g}, dmax={float(self.dmax):g}, affine={self.affine}"
+        )
 
     def set_limits(self, rmax=None, dmax=None):
         if rmax is not None:
@@ -71,7 +73,10 @@ class BatchRenorm2d(nn.Module):
             else:
                 y = self._eval_normalise(x32)
             if self.affine:
-                y = y * self.weight.to(stat_dtype)[None, :, None, None] + self.bias.to(stat_dtype)[None, :, None, None]
+                y = (
+                    y * self.weight.to(stat_dtype)[None, :, None, None]
+                    + self.bias.to(stat_dtype)[None, :, None, None]
+                )
         return y.to(x.dtype)
 
     def _train_normalise(self, x):

@@ -33,16 +33,22 @@ class Config:
 
 
 def build_nets(cfg):
-    nets = nn.ModuleDict({
-        "G_ab": UnetGenerator(cfg.channels_a, cfg.channels_b, cfg.num_downs, cfg.ngf, cfg.norm, cfg.use_dropout),
-        "D": PatchDiscriminator(cfg.channels_a + cfg.channels_b, cfg.ndf, cfg.n_layers_d, cfg.norm),
-    })
+    nets = nn.ModuleDict(
+        {
+            "G_ab": UnetGenerator(
+                cfg.channels_a, cfg.channels_b, cfg.num_downs, cfg.ngf, cfg.norm, cfg.use_dropout
+            ),
+            "D": PatchDiscriminator(cfg.channels_a + cfg.channels_b, cfg.ndf, cfg.n_layers_d, cfg.norm),
+        }
+    )
     return init_weights(nets, cfg.init_gain)
 
 
 def make_optimizers(cfg, nets):
-    return {name: torch.optim.Adam(nets[key].parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
-            for name, key in (("G", "G_ab"), ("D", "D"))}
+    return {
+        name: torch.optim.Adam(nets[key].parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+        for name, key in (("G", "G_ab"), ("D", "D"))
+    }
 
 
 def train_step(cfg, nets, optimizers, batch, state):

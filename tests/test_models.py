@@ -48,7 +48,9 @@ def test_one_step_changes_every_net_and_param_group(name):
     names_by_id = {id(p): n for n, p in nets.named_parameters()}
     for opt_name, opt in optimizers.items():
         for group in opt.param_groups:
-            assert any(names_by_id[id(p)] in changed for p in group["params"]), f"{name}: group of {opt_name} unchanged"
+            assert any(names_by_id[id(p)] in changed for p in group["params"]), (
+                f"{name}: group of {opt_name} unchanged"
+            )
     assert losses and all(isinstance(v, float) and math.isfinite(v) for v in losses.values())
     assert all(k.startswith("loss/") and k.count("/") >= 2 for k in losses)
 

@@ -1,0 +1,1 @@
+from fixtures_data import *  # noqa: F401,F403
