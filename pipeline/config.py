@@ -1,0 +1,136 @@
+"""Typed dataclass configs: dotted overrides, to_dict / from_dict, flat params.
+
+One override path (`optim.lr=1e-4 model.norm=batch_renorm`) serves the CLI and Ray Tune search
+spaces. Values are parsed to the field's declared type; unknown keys and ill-typed values raise
+with the list of what is valid, so a typo never trains the wrong thing silently.
+"""
+
+import dataclasses
+import json
+import types
+import typing
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _fields(obj):
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def _hints(obj):
+    return typing.get_type_hints(type(obj))
+
+
+def parse_value(text, kind, key):
+    """Parse the string `text` as `kind` (bool, int, float, str, tuple[...] or X | None)."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = [k for k in typing.get_args(kind) if k is not type(None)]
+        if text.lower() in ("none", "null"):
+            return None
+        return parse_value(text, options[0], key)
+    if origin is tuple:
+        parts = [p for p in text.strip("()[] ").split(",") if p.strip()]
+        args = typing.get_args(kind)
+        item_types = [args[0]] * len(parts) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(item_types) != len(parts):
+            raise ConfigError(f"{key}: expected {len(item_types)} comma-separated values, got {text!r}")
+        return tuple(parse_value(p.strip(), t, key) for p, t in zip(parts, item_types, strict=True))
+    if kind is bool:
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {text!r}")
+    if kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected {kind.__name__}, got {text!r}") from None
+    if kind is str:
+        return text
+    raise ConfigError(f"{key}: cannot parse a value of type {kind}")
+
+
+def valid_keys(obj, prefix=""):
+    """Every dotted leaf key of a (nested) dataclass instance."""
+    keys = []
+    for name in _fields(obj):
+        value = getattr(obj, name)
+        if dataclasses.is_dataclass(value):
+            keys += valid_keys(value, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def set_key(obj, key, value, prefix=""):
+    """Return a copy of `obj` with dotted `key` set; a str value is parsed to the field's type."""
+    head, _, rest = key.partition(".")
+    full = prefix + key
+    if head not in _fields(obj):
+        valid = ", ".join(valid_keys(obj, prefix))
+        raise ConfigError(f"unknown config key {full!r}; valid keys: {valid}")
+    current = getattr(obj, head)
+    if rest:
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"{prefix}{head} is a value, not a section; cannot set {full!r}")
+        return dataclasses.replace(obj, **{head: set_key(current, rest, value, f"{prefix}{head}.")})
+    if dataclasses.is_dataclass(current):
+        valid = ", ".join(valid_keys(current, full + "."))
+        raise ConfigError(f"{full} is a section; set one of its keys: {valid}")
+    if isinstance(value, str):
+        value = parse_value(value, _hints(obj)[head], full)
+    return dataclasses.replace(obj, **{head: value})
+
+
+def apply_overrides(obj, overrides):
+    """Apply `key=value` strings (CLI) or a {key: value} dict (Tune) to a dataclass config."""
+    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
+    for key, value in items:
+        obj = set_key(obj, key, value)
+    return obj
+
+
+def _split(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. optim.lr=1e-4)")
+    return key.strip(), value.strip()
+
+
+def to_dict(obj):
+    return dataclasses.asdict(obj)
+
+
+def flatten(obj):
+    """{dotted key: value} for every leaf: MLflow params and Tune spaces use these names."""
+    return {k: _get(obj, k) for k in valid_keys(obj)}
+
+
+def _get(obj, key):
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def from_dict(cls_or_obj, data):
+    """Rebuild a config from `to_dict` output (or JSON), checking every key as overrides do."""
+    obj = cls_or_obj() if isinstance(cls_or_obj, type) else cls_or_obj
+    flat = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[prefix + k] = tuple(v) if isinstance(v, list) else v
+    walk(data, "")
+    return apply_overrides(obj, flat)
+
+
+def to_json(obj):
+    return json.dumps(to_dict(obj), indent=2, sort_keys=True)
