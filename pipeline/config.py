@@ -7,6 +7,7 @@ with the list of what is valid, so a typo never trains the wrong thing silently.
 
 import dataclasses
 import json
+import numbers
 import types
 import typing
 
@@ -84,7 +85,24 @@ def set_key(obj, key, value, prefix=""):
         raise ConfigError(f"{full} is a section; set one of its keys: {valid}")
     if isinstance(value, str):
         value = parse_value(value, _hints(obj)[head], full)
+    else:
+        value = _coerce(value, _hints(obj)[head], full)
     return dataclasses.replace(obj, **{head: value})
+
+
+def _coerce(value, kind, key):
+    """Typed values (Tune samples, JSON) of the right kind; numbers convert where lossless."""
+    if isinstance(value, bool) or kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if kind is float and isinstance(value, numbers.Real):
+        return float(value)
+    if kind is int and isinstance(value, numbers.Real) and float(value).is_integer():
+        return int(value)
+    if kind in (int, str) and not isinstance(value, kind):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
+    return value
 
 
 def apply_overrides(obj, overrides):

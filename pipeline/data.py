@@ -720,8 +720,10 @@ class LocalReader:
         channels: int | None = None,
         drop_last: bool = False,
         s3_endpoint: str | None = None,
+        skip: int = 0,
     ):
         self.manifest = read_manifest(dst, s3_endpoint)
+        self.skip = skip  # samples of this rank's first epoch already consumed (resume)
         self.counts = split_counts(self.manifest, split)
         self.split, self.batch_size, self.drop_last = split, batch_size, drop_last
         self.seed, self.epoch, self.world_size, self.rank = seed, epoch, world_size, rank
@@ -730,6 +732,8 @@ class LocalReader:
         self.tables = {d: _read_table(self.manifest, dst, split, d, s3_endpoint) for d in self.counts}
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip = 0
         self.epoch = epoch
         self.augment = replace(self.augment, epoch=epoch)
 
@@ -741,7 +745,7 @@ class LocalReader:
         import torch  # only the tensor hand-off needs torch; ingest does not
 
         positions, plan = epoch_plan(self.counts, self.seed, self.epoch, self.world_size, self.rank)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
+        for start in range(self.skip, len(self) * self.batch_size, self.batch_size):
             stop = start + self.batch_size
             batch = {}
             for domain, table in self.tables.items():
@@ -805,6 +809,7 @@ def augmented_dataset(
     rank: int = 0,
     channels: int | None = None,
     s3_endpoint: str | None = None,
+    skip: int = 0,
 ):
     """This rank's samples for one epoch, decoded and augmented, in epoch order, as a Ray Dataset with
     columns a, b (uint8 H x W x C: a quarter of float32's bytes through the object store) and
@@ -821,6 +826,10 @@ def augmented_dataset(
     load, chans = _reader_settings(manifest, load_size, channels)
     augment = Augment(crop_size, load, flip, seed, epoch, chans)
     positions, plan = epoch_plan(counts, seed, epoch, world_size, rank)
+    if skip:  # resume mid-epoch: the remaining samples are unchanged (augmentation keys on position)
+        positions, plan = positions[skip:], {d: rows[skip:] for d, rows in plan.items()}
+        if not len(positions):
+            raise ValueError(f"skip={skip} consumes the whole epoch of {skip} samples")
     labelled = [d for d in counts if d != "ab" and manifest["domains"][d]["labelled"]]
     columns = ["domain", "index", "image"] + (["label"] if labelled else [])
     ds = ray_dataset(dst, split, columns=columns, s3_endpoint=s3_endpoint)
@@ -918,6 +927,7 @@ def ray_batches(
     channels: int | None = None,
     drop_last: bool = True,
     s3_endpoint: str | None = None,
+    skip: int = 0,
 ) -> Iterator[dict]:
     """Torch batches of this Ray Train worker's shard for one epoch (call once per epoch).
 
@@ -932,6 +942,6 @@ def ray_batches(
         context = ray.train.get_context()
         world_size, rank = context.get_world_size(), context.get_world_rank()
     ds = augmented_dataset(
-        dst, split, crop_size, load_size, seed, epoch, flip, world_size, rank, channels, s3_endpoint
+        dst, split, crop_size, load_size, seed, epoch, flip, world_size, rank, channels, s3_endpoint, skip
     )
     return (to_float(b) for b in ds.iter_torch_batches(batch_size=batch_size, drop_last=drop_last))

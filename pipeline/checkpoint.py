@@ -1,0 +1,196 @@
+"""Complete training state <-> a checkpoint directory, loaded without unpickling code.
+
+A checkpoint directory holds
+- `nets.safetensors`   every net's parameters and buffers (rank 0);
+- `train.pt`           optimizers, LR schedulers, step, epoch and data position (rank 0);
+- `rank<R>.pt`         what differs per worker: RNG states (python, numpy, torch, cuda) and the
+                       model's step state (image pools, counters);
+- `config.json`        the RunConfig that produced it; `meta.json` step, epoch, run id.
+Ray Train merges the files that every worker writes into one directory, which is why rank files
+are named by rank. `.pt` files hold only tensors, numbers, strings and containers, and are read with
+`torch.load(weights_only=True)`, so a checkpoint cannot run code when loaded.
+"""
+
+import json
+import os
+import random
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.image_pool import ImagePool
+
+NETS, TRAIN, CONFIG, META = "nets.safetensors", "train.pt", "config.json", "meta.json"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank{rank}.pt"
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    """Every RNG a training step may draw from, as weights_only-loadable values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "cached": cached},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- model step state
+
+
+def pack_state(state: dict) -> dict:
+    """The model's step state (ints, floats, ImagePools) as plain values."""
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, ImagePool):
+            out[key] = {"__pool__": value.state_dict()}
+        elif isinstance(value, bool | int | float | str):
+            out[key] = value
+        else:
+            raise TypeError(f"cannot checkpoint model state {key!r} of type {type(value).__name__}")
+    return out
+
+
+def unpack_state(packed: dict, device) -> dict:
+    state = {}
+    for key, value in packed.items():
+        if isinstance(value, dict) and "__pool__" in value:
+            pool = ImagePool()
+            pool.load_state_dict(value["__pool__"], device=device)
+            state[key] = pool
+        else:
+            state[key] = value
+    return state
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def net_tensors(nets) -> dict:
+    """State dict as contiguous CPU copies: safetensors refuses shared or strided storage."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in nets.state_dict().items()}
+
+
+def save(directory: str, *, rank: int, nets, optimizers: dict, schedulers: dict, state: dict,
+         progress: dict, config_json: str) -> str:
+    """Write this rank's part of a checkpoint into `directory` (rank 0 also writes the shared
+    part). Files are written to temp names and renamed, so a crash leaves no half file."""
+    os.makedirs(directory, exist_ok=True)
+    _atomic(directory, rank_file(rank), lambda p: torch.save(
+        {"rng": rng_state(), "state": pack_state(state), "progress": progress}, p))
+    if rank == 0:
+        _atomic(directory, NETS, lambda p: save_file(net_tensors(nets), p))
+        _atomic(directory, TRAIN, lambda p: torch.save({
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+            "progress": progress,
+        }, p))
+        _atomic(directory, CONFIG, lambda p: open(p, "w").write(config_json))
+    return directory
+
+
+def write_meta(directory: str, meta: dict) -> None:
+    """Written last, by rank 0, once every rank has saved: its presence marks a complete checkpoint."""
+    _atomic(directory, META, lambda p: open(p, "w").write(json.dumps(meta, indent=2)))
+
+
+def _atomic(directory: str, name: str, write) -> None:
+    tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, os.path.join(directory, name))
+
+
+def load_nets(directory: str, nets, device="cpu") -> None:
+    """Load `nets.safetensors` into `nets`; every key must match (a config mismatch says so)."""
+    tensors = load_file(os.path.join(directory, NETS), device=str(device))
+    missing, unexpected = nets.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {directory} does not fit these nets: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}; was it written with another model config? (see its {CONFIG})"
+        )
+
+
+def load(directory: str, *, rank: int, nets, optimizers: dict, schedulers: dict, device="cpu") -> dict:
+    """Restore everything `save` wrote; returns {"progress", "state", "rank_restored"}.
+
+    A rank without its own file (the run restarted with more workers) keeps fresh RNG seeds and
+    empty pools and says so in the result, rather than copying another rank's randomness."""
+    load_nets(directory, nets, device)
+    train = torch.load(os.path.join(directory, TRAIN), map_location=device, weights_only=True)
+    for name, opt in optimizers.items():
+        opt.load_state_dict(train["optimizers"][name])
+    for name, sched in schedulers.items():
+        sched.load_state_dict(train["schedulers"][name])
+    path = os.path.join(directory, rank_file(rank))
+    if not os.path.exists(path):
+        return {"progress": train["progress"], "state": {}, "rank_restored": False}
+    mine = torch.load(path, map_location="cpu", weights_only=True)
+    set_rng_state(mine["rng"])
+    state = unpack_state(mine["state"], device)
+    return {"progress": train["progress"], "state": state, "rank_restored": True}
+
+
+def read_meta(directory: str) -> dict:
+    with open(os.path.join(directory, META)) as f:
+        return json.load(f)
+
+
+def read_config_json(directory: str) -> str:
+    with open(os.path.join(directory, CONFIG)) as f:
+        return f.read()
+
+
+# ----------------------------------------------------------------------------- local checkpoint folders
+
+
+def local_checkpoint_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"checkpoint_{step:08d}")
+
+
+def latest_local(root: str) -> str | None:
+    """The newest complete checkpoint under `root` (complete = meta.json present, written last)."""
+    if not os.path.isdir(root):
+        return None
+    done = sorted(d for d in os.listdir(root)
+                  if d.startswith("checkpoint_") and os.path.exists(os.path.join(root, d, META)))
+    return os.path.join(root, done[-1]) if done else None
+
+
+def prune_local(root: str, keep: int) -> None:
+    done = sorted(d for d in os.listdir(root) if d.startswith("checkpoint_"))
+    for name in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def staging_dir(prefix="transmute-ckpt-") -> str:
+    return tempfile.mkdtemp(prefix=prefix)

@@ -1,0 +1,195 @@
+"""The configuration of one training run: model, data, schedule, scaling, evaluation, tracking.
+
+Every section is a typed dataclass, so `--set optim.lr=1e-4 model.norm=batch_renorm
+scaling.num_workers=2` (CLI) and Ray Tune search spaces go through the same checked override
+path (`pipeline.config`). The whole RunConfig travels as JSON in every checkpoint and MLflow run.
+
+Paths: `home` holds the embedded defaults (MLflow store, checkpoints, ingested data, caches).
+It is resolved to an absolute path once, in the driver, so that `ray job submit --working-dir .`
+(which runs the entry point in an unpacked copy of the repo) still writes to the user's store.
+"""
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from models import MODELS
+from pipeline.config import ConfigError, apply_overrides, flatten, from_dict, to_dict
+
+DEFAULT_HOME = os.path.join(os.path.expanduser("~"), ".transmute")
+
+
+@dataclass
+class DataSettings:
+    path: str = ""  # Parquet dataset made by prepare_data.py (local or s3://); "" = <home>/data/<dataset>
+    dataset: str = ""  # known dataset name (facades, weizmann_horse, mnist2mnistm, digits)
+    source: str = ""  # raw folder to ingest from when `path` holds no dataset; "" = the known source
+    s3_endpoint: str = ""
+    load_size: int = 0  # resize to this before cropping; 0 = as stored
+    crop_size: int = 0  # random crop fed to the nets; 0 = the whole (resized) image
+    flip: bool = True
+    swap_ab: bool = False  # aligned data: translate the right half to the left (pix2pix's BtoA)
+    reader: str = "ray"  # ray (Ray Data streams shards to each worker) | local (in-process, no Ray)
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 1000  # generator updates
+    batch_size: int = 1  # PER WORKER: the global batch is batch_size × scaling.num_workers
+    seed: int = 0
+    log_every: int = 10  # average step losses over this many steps, then log them
+
+
+@dataclass
+class OptimSettings:
+    lr: float | None = None  # None = the model's default learning rate (model.lr)
+    decay_from: float = 0.5  # fraction of steps at constant lr; then linear decay to 0 (CycleGAN)
+
+
+@dataclass
+class RenormSettings:
+    """Batch Renorm clipping (used when the nets contain BatchRenorm2d layers)."""
+
+    rmax: float = 3.0
+    dmax: float = 5.0
+    warmup_steps: int = 0  # anneal rmax 1→rmax and dmax 0→dmax over this many steps; 0 = fixed
+
+
+@dataclass
+class ScalingSettings:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2  # worker failures to recover from (from the latest checkpoint)
+    bf16: bool = True  # autocast to bfloat16 (GPU only)
+    channels_last: bool = True  # GPU only
+    compile: bool = False  # torch.compile each net
+
+
+@dataclass
+class CheckpointSettings:
+    every: int = 500  # steps; a checkpoint is also written at the end
+    keep: int = 2  # newest checkpoints kept in storage
+
+
+@dataclass
+class EvalSettings:
+    every: int = 500  # steps between validation evaluations (0 = only at the end)
+    max_images: int = 64
+    samples: int = 4  # rows of the logged sample grids
+    label_domain: str = "b"  # domain holding label maps (photo→labels scores); "" = none
+    num_classes: int = 0  # label palette size (facades 12, weizmann_horse 2)
+    train_mode_too: bool = False  # also evaluate in train mode (seed 000's norm gap)
+    inception_path: str = ""  # TorchScript Inception on disk for FID/KID; "" = skip
+
+
+@dataclass
+class TrackingSettings:
+    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<home>/mlflow.db
+    experiment: str = "transmute"
+    run_name: str = ""  # "" = model-dataset-key settings
+    run_id: str = ""  # set by the driver; workers reattach to it after a restart
+    parent_run_id: str = ""  # a Tune search's parent run
+    register: bool = True  # register the final generators in the model registry
+    registered_name: str = ""  # "" = <recipe>; each generator registers as <name>-<direction>
+
+
+@dataclass
+class StorageSettings:
+    path: str = ""  # checkpoints and Ray Train state; "" = <home>/runs; s3://bucket/prefix works
+
+
+@dataclass
+class RunConfig:
+    recipe: str = ""
+    model_name: str = "cyclegan"
+    model: Any = None  # MODELS[model_name].Config
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    renorm: RenormSettings = field(default_factory=RenormSettings)
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    home: str = ""  # "" = $TRANSMUTE_HOME or ~/.transmute
+
+    def __post_init__(self):
+        if self.model is None:
+            self.model = MODELS[self.model_name].Config()
+
+
+def make_config(model_name: str, **sections) -> RunConfig:
+    return RunConfig(model_name=model_name, model=MODELS[model_name].Config(), **sections)
+
+
+def override(cfg: RunConfig, overrides) -> RunConfig:
+    """Apply `key=value` strings or a {key: value} dict; the model itself is fixed by the recipe."""
+    items = overrides if isinstance(overrides, dict) else dict(_pair(o) for o in overrides)
+    if "model_name" in items and items["model_name"] != cfg.model_name:
+        raise ConfigError("model_name is fixed by the recipe; pick another recipe (--recipe) instead")
+    cfg = apply_overrides(cfg, items)
+    validate(cfg)
+    return cfg
+
+
+def _pair(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. optim.lr=1e-4)")
+    return key.strip(), value.strip()
+
+
+def validate(cfg: RunConfig) -> None:
+    checks = [
+        (cfg.train.steps >= 1, f"train.steps must be >= 1, got {cfg.train.steps}"),
+        (cfg.train.batch_size >= 1, f"train.batch_size must be >= 1, got {cfg.train.batch_size}"),
+        (cfg.scaling.num_workers >= 1, f"scaling.num_workers must be >= 1, got {cfg.scaling.num_workers}"),
+        (0.0 <= cfg.optim.decay_from <= 1.0, f"optim.decay_from must be in [0, 1]: {cfg.optim.decay_from}"),
+        (cfg.data.reader in ("ray", "local"), f"data.reader must be ray or local, got {cfg.data.reader!r}"),
+        (cfg.checkpoint.every >= 0 and cfg.eval.every >= 0, "checkpoint.every and eval.every must be >= 0"),
+        (cfg.eval.label_domain in ("", "a", "b"), f"eval.label_domain must be a, b or '' (none): "
+                                                  f"{cfg.eval.label_domain!r}"),
+        (cfg.renorm.rmax >= 1.0 and cfg.renorm.dmax >= 0.0, "renorm.rmax must be >= 1 and renorm.dmax >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def resolve_paths(cfg: RunConfig) -> RunConfig:
+    """Make home, data and storage absolute (the driver calls this before anything ships)."""
+    home = os.path.abspath(os.path.expanduser(cfg.home or os.environ.get("TRANSMUTE_HOME", DEFAULT_HOME)))
+    data_path = cfg.data.path or os.path.join(home, "data", cfg.data.dataset or cfg.recipe)
+    storage = cfg.storage.path or os.path.join(home, "runs")
+    return dataclasses.replace(
+        cfg,
+        home=home,
+        data=dataclasses.replace(cfg.data, path=_absolute(data_path)),
+        storage=dataclasses.replace(cfg.storage, path=_absolute(storage)),
+    )
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def to_json(cfg: RunConfig) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def from_json(text_or_dict) -> RunConfig:
+    data = json.loads(text_or_dict) if isinstance(text_or_dict, str) else dict(text_or_dict)
+    base = make_config(data.get("model_name", "cyclegan"))
+    return from_dict(base, data)
+
+
+def flat_params(cfg: RunConfig) -> dict:
+    """{dotted key: value} for MLflow params and Tune spaces."""
+    return flatten(cfg)
