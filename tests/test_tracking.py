@@ -1,0 +1,206 @@
+"""pipeline.tracking against a real `mlflow server` (tests/mlflow_server.py) and the embedded store."""
+
+import uuid
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from tiny import tiny_model
+
+from models import MODELS
+from pipeline import tracking
+from pipeline.config import flatten, to_dict
+
+pytestmark = pytest.mark.integration
+
+
+def unique(prefix):
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def new_run(uri, **kwargs):
+    return tracking.create_run(uri, unique("test"), "run", params=kwargs.pop("params", {}),
+                               tags=kwargs.pop("tags", {}), **kwargs)
+
+
+def example(cfg, n=2, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, cfg.channels_a, size, size, generator=g) * 2 - 1).numpy()
+
+
+def log_tiny(tracker, name="cyclegan", direction="ab", registered_name=None, metrics=None, **overrides):
+    spec, cfg, nets, _ = tiny_model(name, **overrides)
+    net_name = spec.generator_for[direction]
+    x = torch.randn(2, cfg.nz) if name == "cogan" else torch.from_numpy(example(cfg))
+    info = tracker.log_generator(name, to_dict(cfg), direction, net_name, nets[net_name].state_dict(),
+                                 x.numpy(), registered_name, metrics)
+    return info, cfg, nets[net_name].eval(), x
+
+
+def test_create_run_logs_dotted_params_and_tags(mlflow_server):
+    _, cfg, _, _ = tiny_model("cyclegan")
+    params = {**{f"model.{k}": v for k, v in flatten(cfg).items()}, "optim.lr": 2e-4,
+              "notes.long": "x" * 7000, **{f"extra.p{i:03d}": i for i in range(120)}}  # > 100: batched
+    run_id = new_run(mlflow_server.uri, params=params, tags={"recipe": "tiny"})
+    run = MlflowClient(mlflow_server.uri).get_run(run_id)
+    assert run.info.status == "RUNNING"
+    assert run.data.tags["recipe"] == "tiny"
+    assert run.data.params["model.lambda_cycle"] == "10.0"
+    assert run.data.params["model.betas"] == "(0.5, 0.999)"
+    assert run.data.params["extra.p119"] == "119"
+    assert 0 < len(run.data.params["notes.long"]) <= 6000 and run.data.params["notes.long"].startswith("xxx")
+
+
+def test_nested_run_has_parent_tag(mlflow_server):
+    parent = new_run(mlflow_server.uri)
+    child = new_run(mlflow_server.uri, parent_run_id=parent)
+    assert MlflowClient(mlflow_server.uri).get_run(child).data.tags["mlflow.parentRunId"] == parent
+
+
+def test_tracker_reattaches_to_one_run_and_logs_metric_history(mlflow_server):
+    client = MlflowClient(mlflow_server.uri)
+    run_id = new_run(mlflow_server.uri, params={"optim.lr": 1e-3})
+    tracker = tracking.Tracker(mlflow_server.uri, run_id)
+    for step in range(3):
+        tracker.log_metrics({"loss/G/total": 1.0 / (step + 1), "loss/D/nan": float("nan")}, step)
+    with pytest.raises(MlflowException):
+        tracking.Tracker(mlflow_server.uri, uuid.uuid4().hex)  # an unknown run is an error, not a new run
+    tracker.end("KILLED")  # a worker dies...
+    again = tracking.Tracker(mlflow_server.uri, run_id)  # ...and its replacement reattaches
+    assert client.get_run(run_id).info.status == "RUNNING"
+    again.log_params({"optim.lr": 1e-3})  # the same value again is accepted
+    again.log_metrics({"loss/G/total": 0.2, "eval/psnr_ab": np.float32(21.5)}, step=3)
+    again.end()
+
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    assert [m.step for m in client.get_metric_history(run_id, "loss/G/total")] == [0, 1, 2, 3]
+    assert "loss/D/nan" not in run.data.metrics
+    assert run.data.metrics["eval/psnr_ab"] == pytest.approx(21.5)
+
+
+def test_tracker_logs_images_and_artifacts(mlflow_server, tmp_path):
+    client = MlflowClient(mlflow_server.uri)
+    tracker = tracking.Tracker(mlflow_server.uri, new_run(mlflow_server.uri))
+    tracker.log_image(torch.rand(3, 12, 10) * 2 - 1, "samples/step00100_ab.png")
+    tracker.log_image(torch.rand(1, 12, 10) * 2 - 1, "samples/step00100_gray.png")
+    tracker.log_dict({"model": {"ngf": 4}}, "config.json")
+    tracker.log_text("hello", "notes/readme.txt")
+    tracker.set_tags({"phase": "test"})
+
+    assert {a.path for a in client.list_artifacts(tracker.run_id, "samples")} == {
+        "samples/step00100_ab.png", "samples/step00100_gray.png"}
+    png = client.download_artifacts(tracker.run_id, "samples/step00100_ab.png", str(tmp_path))
+    from PIL import Image
+    with Image.open(png) as img:
+        assert (img.format, img.mode, img.size) == ("PNG", "RGB", (10, 12))
+    assert {a.path for a in client.list_artifacts(tracker.run_id)} >= {"config.json", "notes", "samples"}
+    assert client.get_run(tracker.run_id).data.tags["phase"] == "test"
+
+
+def test_log_generator_registers_a_pickle_free_model_that_loads_back(mlflow_server, monkeypatch):
+    uri, name = mlflow_server.uri, unique("tiny-cyclegan")
+    tracker = tracking.Tracker(uri, new_run(uri))
+    info, _, net, x = log_tiny(tracker, registered_name=name, metrics={"eval/psnr_ab": 12.5})
+    assert (info["name"], info["version"], info["model_uri"]) == (name, "1", f"models:/{name}/1")
+    with torch.no_grad():
+        expected = net(x)
+
+    loaded = tracking.load_generator(f"models:/{name}/1", uri)
+    assert (loaded.model_name, loaded.direction, loaded.net_name) == ("cyclegan", "ab", "G_ab")
+    assert (loaded.version, loaded.run_id) == ("1", tracker.run_id)
+    assert isinstance(loaded.config, MODELS["cyclegan"].Config) and loaded.config.ngf == 4
+    assert not loaded.net.training
+    for key, value in net.state_dict().items():
+        assert torch.equal(loaded.net.state_dict()[key], value), key
+    assert torch.equal(loaded(x), expected)
+    assert tracking.get_model_version_metrics(uri, name, 1) == {"eval/psnr_ab": 12.5}
+
+    # the model holds source and data only: no pickle anywhere in it
+    location = MlflowClient(uri).get_model_version_download_uri(name, "1")
+    files = {p.name for p in Path(mlflow.artifacts.download_artifacts(location, tracking_uri=uri)).rglob("*")}
+    assert {"served_generator.py", "generator.json", "generator.safetensors", "MLmodel"} <= files
+    assert not {f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth"))}
+
+    # mlflow's own loader resolves models:/ through the global URIs
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    served = mlflow.pyfunc.load_model(f"models:/{name}/1")
+    assert np.allclose(served.predict(x.numpy()), expected.numpy(), atol=1e-6)
+    assert served.predict(example(loaded.config, n=1, size=64)).shape == (1, 3, 64, 64)  # any size
+
+    # a second version, then the alias moves to it
+    second, _, net_ba, _ = log_tiny(tracker, direction="ba", registered_name=name)
+    assert second["version"] == "2"
+    tracking.set_alias(uri, name, "champion", 1)
+    assert tracking.load_generator(f"models:/{name}@champion", uri).version == "1"
+    tracking.set_alias(uri, name, "champion", 2)
+    by_alias = tracking.load_generator(f"models:/{name}@champion", uri)
+    assert (by_alias.version, by_alias.net_name) == ("2", "G_ba")
+    assert torch.equal(by_alias(x), net_ba(x).detach())
+    assert tracking.load_generator(f"models:/{name}/latest", uri).version == "2"
+    assert tracking.load_generator(f"models:/{info['model_id']}", uri).net_name == "G_ab"
+    assert tracking.load_generator(f"runs:/{tracker.run_id}/generator_ab", uri).net_name == "G_ab"
+
+
+def test_served_bicyclegan_and_cogan(mlflow_server, monkeypatch):
+    uri = mlflow_server.uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracker = tracking.Tracker(uri, new_run(uri))
+
+    info, cfg, net, x = log_tiny(tracker, "bicyclegan")
+    served = mlflow.pyfunc.load_model(info["model_uri"])
+    zero = served.predict(x.numpy())
+    with torch.no_grad():
+        assert np.allclose(zero, net(x, torch.zeros(2, cfg.nz)).numpy(), atol=1e-6)  # z = 0 by default
+    seeded = served.predict(x.numpy(), params={"z_seed": 3})
+    assert np.array_equal(seeded, served.predict(x.numpy(), params={"z_seed": 3}))
+    assert not np.allclose(seeded, zero)
+
+    info, _, _, z = log_tiny(tracker, "cogan", direction="pair")
+    pair = mlflow.pyfunc.load_model(info["model_uri"]).predict(z.numpy())
+    assert pair.shape == (2, 2, 32, 32)  # channels_a + channels_b, stacked along channels
+
+
+def test_null_tracker_does_nothing():
+    null = tracking.tracker_for(1, "http://127.0.0.1:9", "no-such-run")  # nothing is contacted
+    assert isinstance(null, tracking.NullTracker)
+    public = [n for n in dir(tracking.Tracker) if not n.startswith("_")]
+    for name in public:
+        assert getattr(null, name)("anything", step=1) is None
+    with pytest.raises(AttributeError):
+        null.not_a_tracker_method  # noqa: B018
+    assert isinstance(tracking.tracker_for(0, None, None), tracking.NullTracker)  # tracking off
+
+
+def test_embedded_default_store(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # anything written to the working dir would show up here
+    home = tmp_path / "home"
+    assert tracking.resolve_tracking_uri("http://x:5000", str(home)) == "http://x:5000"
+    uri = tracking.resolve_tracking_uri(None, "home")  # relative: made absolute
+    assert uri == f"sqlite:///{home}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert tracking.resolve_tracking_uri(None, str(home)) == "http://env:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+    run_id = tracking.create_run(uri, "facades", "run", params={"model.ngf": 4}, tags={}, home=str(home))
+    tracker = tracking.Tracker(uri, run_id)
+    tracker.log_metrics({"loss/G/total": 1.0}, step=0)
+    tracker.log_image(torch.zeros(3, 4, 4), "samples/step00000_ab.png")
+    _, _, net, x = log_tiny(tracker, registered_name="tiny")
+    tracker.end()
+
+    assert MlflowClient(uri).get_experiment_by_name("facades").artifact_location == \
+        tracking.default_artifact_location(str(home), "facades")
+    assert list((home / "mlartifacts" / "facades").glob("*/artifacts/samples/step00000_ab.png"))
+    loaded = tracking.load_generator("models:/tiny/1", uri)
+    assert torch.equal(loaded(x), net(x).detach())
+    model_dir = next((home / "mlartifacts" / "facades" / "models").glob("*/artifacts"))
+    assert torch.equal(tracking.load_generator(str(model_dir))(x), net(x).detach())  # a local dir
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]  # no ./mlruns, no ./mlflow.db
