@@ -1,0 +1,359 @@
+"""Evaluation metrics and the Evaluator, on hand-made cases and on real data (the facades sample in
+tests/assets, a few hundred MNIST / MNIST-M digits from ../shared/datasets), with tiny models."""
+
+import glob
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny import tiny_model
+
+from pipeline import data
+from pipeline import evaluation as ev
+
+TESTS = os.path.dirname(__file__)
+FACADES_SMALL = os.path.join(TESTS, "assets", "facades_small")
+DATASETS = os.environ.get("TRANSMUTE_DATASETS", os.path.join(TESTS, "..", "..", "shared", "datasets"))
+FAST_CLASSIFIER = {"epochs": 1, "min_steps": 30, "width": 8}
+# torch 2.13 marks TorchScript deprecated, but the reference Inception files are TorchScript
+TORCHSCRIPT = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy 2-core machine two threads per process
+    spin waiting for each other (measured: classifier training 1-2 s on one thread, 8-17 s on two)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def facades(tmp_path_factory):
+    dst = str(tmp_path_factory.mktemp("facades36"))
+    data.ingest(FACADES_SMALL, dst, load_size=36, progress=False)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """A small mnist2mnistm copy: every 20th MNIST / 10th MNIST-M file and their labels."""
+    src, root = os.path.join(DATASETS, "mnist2mnistm"), tmp_path_factory.mktemp("m2m")
+    for folder, step in {"trainA": 20, "trainB": 10, "testA": 20, "testB": 10}.items():
+        names = sorted(os.listdir(os.path.join(src, folder)))[::step]
+        os.makedirs(root / folder)
+        for name in names:
+            shutil.copy(os.path.join(src, folder, name), root / folder / name)
+        with open(os.path.join(src, f"labels_{folder}.csv")) as f:
+            lines = f.read().splitlines()
+        keep = set(names)
+        rows = [line for line in lines[1:] if line.split(",")[0] in keep]
+        (root / f"labels_{folder}.csv").write_text("\n".join([lines[0], *rows]) + "\n")
+    dst = str(tmp_path_factory.mktemp("m2m_ingested"))
+    data.ingest(str(root), dst, progress=False)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def digit_eval(digits, tmp_path_factory):
+    """A CycleGAN MNIST (1 channel) ↔ MNIST-M (3 channels) evaluator; trains and caches classifiers."""
+    spec, cfg, nets, _ = tiny_model("cyclegan", channels_a=1, channels_b=3)
+    cache = str(tmp_path_factory.mktemp("classifier_cache"))
+    evaluator = ev.Evaluator(spec, cfg, digits, "test", size=32, cache_dir=cache, classifier=FAST_CLASSIFIER)
+    return evaluator, nets, cache
+
+
+def rand(*shape, seed=0):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def finite(values):
+    return all(math.isfinite(v) for v in values.values())
+
+
+# ----------------------------------------------------------------------------- image metrics
+
+
+def test_l1_and_psnr_known_values():
+    x, y = torch.zeros(2, 3, 16, 16), torch.full((2, 3, 16, 16), 0.5)
+    assert ev.l1(x, y) == pytest.approx(0.5)
+    assert ev.psnr(x, y) == pytest.approx(10 * math.log10(1 / 0.25**2))  # 0.5 vs 0.75 on [0, 1]
+    # per image, then the mean: one perfect image does not make the batch perfect
+    z = torch.stack([y[0], x[1]])
+    assert ev.psnr(x, z) == pytest.approx((100 + 12.0412) / 2, abs=1e-3)
+
+
+def test_ssim_identical_constant_and_one_window_by_hand():
+    x = rand(2, 3, 24, 24)
+    assert ev.ssim(x, x) == pytest.approx(1.0)
+    # constant images: only the luminance term is left, (2 m1 m2 + C1) / (m1² + m2² + C1)
+    a, b = torch.full((1, 1, 16, 16), -0.6), torch.full((1, 1, 16, 16), 0.2)  # 0.2 and 0.6 on [0, 1]
+    c1 = 0.01**2
+    assert ev.ssim(a, b) == pytest.approx((2 * 0.2 * 0.6 + c1) / (0.2**2 + 0.6**2 + c1), rel=1e-6)
+    # an 11×11 image has exactly one window: Wang et al.'s weighted statistics, written out
+    p, q = rand(1, 1, 11, 11, seed=1), rand(1, 1, 11, 11, seed=2)
+    u, v = ((p + 1) / 2).double().numpy()[0, 0], ((q + 1) / 2).double().numpy()[0, 0]
+    g = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    mu, mv = (w * u).sum(), (w * v).sum()
+    vu, vv, cov = (w * (u - mu) ** 2).sum(), (w * (v - mv) ** 2).sum(), (w * (u - mu) * (v - mv)).sum()
+    c2 = 0.03**2
+    expected = (2 * mu * mv + c1) * (2 * cov + c2) / ((mu**2 + mv**2 + c1) * (vu + vv + c2))
+    assert ev.ssim(p, q) == pytest.approx(expected, rel=1e-6)
+    assert ev.ssim(x, x + 0.1 * rand(2, 3, 24, 24, seed=3)) > ev.ssim(x, x + 0.5 * rand(2, 3, 24, 24, seed=3))
+
+
+def test_diversity_is_mean_pairwise_l1():
+    zero, one = torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4)
+    assert ev.diversity([zero, one, one]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        ev.diversity([zero])
+
+
+# ----------------------------------------------------------------------------- label maps
+
+
+def test_segmentation_scores_on_a_constructed_case():
+    true = torch.tensor([[0, 0, 0, 0], [1, 1, 2, 2]])
+    pred = torch.tensor([[0, 0, 0, 1], [1, 1, 1, 3]])  # class 3 only predicted, never true
+    s = ev.segmentation_scores(pred, true, 4)
+    assert s["pixel_acc"] == pytest.approx(5 / 8)
+    assert s["class_acc"] == pytest.approx((3 / 4 + 2 / 2 + 0 / 2) / 3)  # classes in the truth
+    iou = [3 / 4, 2 / 4, 0 / 2, 0 / 1]  # classes in the truth or the prediction
+    assert s["class_iou"] == pytest.approx(sum(iou) / 4)
+
+
+def test_palette_from_real_facades_labels():
+    files = sorted(glob.glob(os.path.join(FACADES_SMALL, "train", "*.jpg")))
+    labels = np.stack([np.asarray(Image.open(f).convert("RGB"))[:, 256:] for f in files])  # B = label map
+    palette = ev.derive_palette(labels, 12)
+    assert palette.shape == (12, 3)
+    gaps = torch.cdist(palette, palette) + 1e9 * torch.eye(12)
+    assert gaps.min() > 40, palette  # twelve clearly different colours, not JPEG noise
+    assert torch.equal(ev.derive_palette(labels, 12), palette)  # deterministic
+    truth = ev.snap_to_palette(labels[:3], palette)
+    assert truth.shape == (3, 256, 256) and truth.dtype == torch.int64
+    assert ev.segmentation_scores(truth, truth, 12)["pixel_acc"] == 1.0
+    assert len(truth.unique()) >= 6  # a facade has several classes, not one blob
+    # the palette explains the labels: most pixels lie close to their snapped colour
+    error = np.linalg.norm(labels[:3].reshape(-1, 3) - palette.numpy()[truth.flatten()], axis=1)
+    assert np.median(error) < 15, np.median(error)
+    # the same images as float tensors in [-1, 1] snap to the same classes
+    tensors = torch.from_numpy(labels[:3]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert (ev.snap_to_palette(tensors, palette) == truth).float().mean() > 0.999
+
+
+# ----------------------------------------------------------------------------- classifiers
+
+
+def test_digit_classifier_learns_mnist_quickly():
+    with np.load(os.path.join(DATASETS, "digits", "mnist_5k.npz")) as npz:
+        order = np.random.default_rng(0).permutation(len(npz["y"]))
+        x = torch.from_numpy(npz["x"][order]).float()[:, None] / 127.5 - 1
+        y = torch.from_numpy(npz["y"][order])
+    net = ev.train_classifier(x[:1000], y[:1000], epochs=2, min_steps=60, width=16, seed=0)
+    assert ev.accuracy(net, x[4000:], y[4000:]) > 0.8  # 0.85 when written
+    assert not net.training
+
+
+def test_pair_agreement_counts_matching_classes():
+    x = rand(32, 1, 28, 28)
+    net = ev.DigitClassifier(1, 28, width=4)
+    assert ev.pair_agreement(net, net, x, x) == 1.0
+    shuffled = x.flip(0)
+    expected = (ev.predict(net, x) == ev.predict(net, shuffled)).double().mean().item()
+    assert ev.pair_agreement(net, net, x, shuffled) == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------- FID and KID
+
+
+def scripted_extractor(path, keyword=True):
+    """A tiny random conv net standing in for the TorchScript Inception."""
+
+    class WithKeyword(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 6, 3, stride=2)
+
+        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            return torch.relu(self.conv(x / 255.0)).mean((2, 3))
+
+    class Plain(WithKeyword):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.conv(x / 255.0)).mean((2, 3))
+
+    torch.manual_seed(0)
+    torch.jit.script(WithKeyword() if keyword else Plain()).save(str(path))
+    return str(path)
+
+
+def test_frechet_and_kernel_distances_against_references():
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    rng = np.random.default_rng(0)
+    f1, f2 = rng.normal(size=(60, 5)), rng.normal(0.3, 1.5, size=(50, 5))
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    root = scipy_linalg.sqrtm(s1 @ s2).real
+    reference = ((f1.mean(0) - f2.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * root)
+    assert ev.frechet_distance(f1, f2) == pytest.approx(reference, rel=1e-8)
+    # one subset of all rows: the unbiased MMD² written out
+    x, y = f1[:50], f2
+    k = lambda a, b: (a @ b.T / 5 + 1) ** 3  # noqa: E731
+    m = len(x)
+    off = lambda g: (g.sum() - np.trace(g)) / (m * (m - 1))  # noqa: E731
+    mmd = off(k(x, x)) + off(k(y, y)) - 2 * k(x, y).mean()
+    assert ev.kernel_inception_distance(x, y, subsets=1, subset_size=50) == pytest.approx(mmd, rel=1e-9)
+
+
+@TORCHSCRIPT
+def test_fid_kid_with_a_scripted_extractor(tmp_path):
+    extractor = ev.load_feature_extractor(scripted_extractor(tmp_path / "net.pt"))
+    images, other = rand(64, 3, 16, 16, seed=0), rand(64, 3, 16, 16, seed=1)
+    shifted = (images + 0.5).clamp(-1, 1)
+    feats = ev.extract_features(extractor, images, batch_size=24)  # several batches
+    assert feats.shape == (64, 6) and feats.dtype == np.float64
+    same = ev.frechet_distance(feats, feats)
+    fresh = ev.frechet_distance(feats, ev.extract_features(extractor, other))
+    far = ev.frechet_distance(feats, ev.extract_features(extractor, shifted))
+    assert abs(same) < 1e-6 * far and fresh < far
+    kid_same = ev.kernel_inception_distance(feats, feats, subsets=5, subset_size=32)
+    kid_far = ev.kernel_inception_distance(feats, ev.extract_features(extractor, shifted), 5, 32)
+    assert kid_same < 0.1 * kid_far and kid_far > 0
+    # grey images are given as RGB; an extractor without return_features is called plainly
+    plain = ev.load_feature_extractor(scripted_extractor(tmp_path / "plain.pt", keyword=False))
+    assert np.allclose(ev.extract_features(plain, images), feats)
+    assert ev.extract_features(extractor, images[:, :1]).shape == (64, 6)
+    with pytest.raises(FileNotFoundError):
+        ev.load_feature_extractor(str(tmp_path / "missing.pt"))
+
+
+# ----------------------------------------------------------------------------- the Evaluator
+
+
+def test_evaluator_on_facades_with_a_tiny_cyclegan(facades):
+    spec, cfg, nets, _ = tiny_model("cyclegan")
+    nets.train()
+    nets["D_a"].eval()
+    flags = [m.training for m in nets.modules()]
+    evaluator = ev.Evaluator(spec, cfg, facades, "test", size=32, num_classes=12)
+    metrics, baselines = evaluator.metrics(nets), evaluator.baselines()
+    grids = evaluator.grids(nets, n=3)
+    assert [m.training for m in nets.modules()] == flags
+    scores = [f"{k}_{d}" for d in ("ab", "ba") for k in ("l1", "psnr", "ssim")]
+    scores += [f"{k}_ab" for k in ("pixel_acc", "class_acc", "class_iou")]  # photo → labels only
+    assert set(metrics) == {f"eval/{k}" for k in scores} | {"eval/cycle_l1_a", "eval/cycle_l1_b"}
+    assert set(baselines) == {f"baseline/{k}" for k in scores}
+    assert finite(metrics) and finite(baselines)
+    assert all(0 <= metrics[f"eval/{k}_ab"] <= 1 for k in ("pixel_acc", "class_acc", "class_iou"))
+    assert grids["ab"].shape == (3, 3 * 34 + 2, 3 * 34 + 2) and set(grids) == {"ab", "ba"}
+    assert any("FID/KID skipped" in note and "inception_path" in note for note in evaluator.notes)
+    # the baseline is the mean training label map, scored against the test label maps
+    train = [b["b"] for b in data.LocalReader(facades, "train", load_size=32, flip=False, batch_size=8)]
+    test = next(iter(data.LocalReader(facades, "test", load_size=32, flip=False, batch_size=8)))["b"]
+    mean = torch.cat(train).mean(0, keepdim=True).expand_as(test)
+    assert baselines["baseline/psnr_ab"] == pytest.approx(ev.psnr(mean, test), rel=1e-5)
+    assert evaluator.metrics(nets) == metrics  # eval mode: deterministic
+
+
+def test_train_mode_differs_for_batch_norm_and_leaves_the_statistics(facades):
+    spec, cfg, nets, _ = tiny_model("dualgan", norm="batch", use_dropout=False)
+    nets.train()
+    running = {k: v.clone() for k, v in nets.state_dict().items() if "running" in k}
+    evaluator = ev.Evaluator(spec, cfg, facades, "test", size=32, label_domain="")
+    in_train, in_eval = evaluator.metrics(nets, train_mode=True), evaluator.metrics(nets)
+    assert abs(in_train["eval/l1_ab"] - in_eval["eval/l1_ab"]) > 1e-4
+    assert all(torch.equal(v, nets.state_dict()[k]) for k, v in running.items())
+    assert all(m.training for m in nets.modules())
+    assert not any(k.startswith("eval/pixel_acc") for k in in_eval)
+
+
+def test_bicyclegan_uses_mean_z_and_measures_diversity(facades):
+    spec, cfg, nets, _ = tiny_model("bicyclegan")
+    evaluator = ev.Evaluator(spec, cfg, facades, "test", size=32, num_classes=12, diversity_samples=3)
+    first, second = evaluator.metrics(nets), evaluator.metrics(nets)
+    assert first == second  # z = 0 for the scores and seeded z for diversity: repeatable
+    assert first["eval/diversity"] > 0 and "eval/pixel_acc_ab" in first and "eval/l1_ba" not in first
+    grids = evaluator.grids(nets, n=2)
+    assert grids["ab_z"].shape == (3, 2 * 34 + 2, 5 * 34 + 2)  # input | z = 0 | three random z
+
+
+def test_digit_label_preservation_and_classifier_cache(digit_eval, digits, monkeypatch):
+    evaluator, nets, cache = digit_eval
+    metrics, baselines = evaluator.metrics(nets), evaluator.baselines()
+    assert set(metrics) == {"eval/label_acc_ab", "eval/label_acc_ba", "eval/cycle_l1_a", "eval/cycle_l1_b"}
+    assert set(baselines) == {f"{k}/label_acc_{d}" for k in ("baseline", "ceiling") for d in ("ab", "ba")}
+    assert all(0 <= v <= 1 for k, v in {**metrics, **baselines}.items() if "acc" in k)
+    assert evaluator.data["a"].shape[1:] == (1, 32, 32) and evaluator.data["b"].shape[1:] == (3, 32, 32)
+    files = evaluator.classifier_files
+    assert sorted(files) == ["a", "b"] and all(os.path.isfile(f) for f in files.values())
+    assert not [f for f in os.listdir(cache) if ".tmp-" in f]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached classifier should have been loaded")
+
+    monkeypatch.setattr(ev, "train_classifier", no_training)
+    spec, cfg = evaluator.spec, evaluator.cfg
+    again = ev.Evaluator(spec, cfg, digits, "test", size=32, cache_dir=cache, classifier=FAST_CLASSIFIER)
+    assert any(note.startswith("classifier b: loaded") for note in again.notes)
+    for d in "ab":
+        old, new = evaluator.classifiers[d].state_dict(), again.classifiers[d].state_dict()
+        assert all(torch.equal(old[k], new[k]) for k in old)
+    assert again.metrics(nets) == metrics and again.baselines() == baselines
+
+
+def test_cogan_pair_agreement(digit_eval, digits):
+    _, _, cache = digit_eval  # the same domains, channels and size: the classifiers come from the cache
+    spec, cfg, nets, _ = tiny_model("cogan", channels_a=1, channels_b=3)
+    evaluator = ev.Evaluator(spec, cfg, digits, "test", cache_dir=cache, classifier=FAST_CLASSIFIER, pairs=64)
+    assert sum(note.startswith("classifier") and "loaded" in note for note in evaluator.notes) == 2
+    metrics = evaluator.metrics(nets)
+    assert set(metrics) == {"eval/pair_agreement"} and 0 <= metrics["eval/pair_agreement"] <= 1
+    assert evaluator.metrics(nets) == metrics  # a fixed seeded z
+    with ev.eval_mode(nets):
+        x_a, x_b = evaluator._generate_pairs(nets, 64)
+    cls_a, cls_b = evaluator.classifiers["a"], evaluator.classifiers["b"]
+    assert metrics["eval/pair_agreement"] == ev.pair_agreement(cls_a, cls_b, x_a, x_b)
+    assert set(evaluator.baselines()) == {"ceiling/classifier_acc_a", "ceiling/classifier_acc_b"}
+    assert evaluator.grids(nets, n=2)["pair"].shape == (3, 2 * 34 + 2, 2 * 34 + 2)
+
+
+@TORCHSCRIPT
+def test_evaluator_reports_fid_and_kid_with_an_extractor(facades, tmp_path):
+    spec, cfg, nets, _ = tiny_model("pix2pix")
+    path = scripted_extractor(tmp_path / "inception.pt")
+    evaluator = ev.Evaluator(spec, cfg, facades, "test", size=32, label_domain="", inception_path=path)
+    metrics = evaluator.metrics(nets)
+    assert {"eval/fid_ab", "eval/kid_ab"} <= set(metrics) and finite(metrics)
+    assert metrics["eval/fid_ab"] > 0 and not any("FID" in note for note in evaluator.notes)
+    missing = ev.Evaluator(spec, cfg, facades, "test", size=32, inception_path=str(tmp_path / "no.pt"))
+    assert "eval/fid_ab" not in missing.metrics(nets)
+    assert any("does not exist" in note for note in missing.notes)
+
+
+def test_norm_study_figure_puts_train_and_eval_outputs_side_by_side():
+    x, rows = rand(2, 3, 32, 32), {}
+    for norm in ("batch", "batch_renorm", "instance"):
+        spec, cfg, nets, _ = tiny_model("dualgan", norm=norm, use_dropout=False)
+        rows[norm] = ev.train_eval_outputs(spec, cfg, nets, x)
+        assert all(m.training for m in nets.modules())
+    gap = {k: (t - e).abs().mean().item() for k, (t, e) in rows.items()}
+    assert gap["batch"] > 1e-3 and gap["instance"] < 1e-6, gap
+    figure = ev.norm_study_figure(rows, x)
+    assert figure.shape == (3, 6 * 34 + 2, 3 * 34 + 2)  # three kinds × two inputs; three columns
+    top = lambda row, col: figure[:, 2 + row * 34 : 34 + row * 34, 2 + col * 34 : 34 + col * 34]  # noqa: E731
+    assert torch.equal(top(2, 0), x[0]) and torch.equal(top(2, 1), rows["batch_renorm"][0][0])
+    assert torch.equal(top(5, 2), rows["instance"][1][1])
+
+
+def test_swap_ab_evaluates_the_right_half_as_input(facades):
+    """BicycleGAN / pix2pix recipes translate label maps (stored b) to photos (stored a)."""
+    spec, cfg, nets, _ = tiny_model("pix2pix")
+    plain = ev.Evaluator(spec, cfg, facades, "test", size=32, max_images=4, label_domain="")
+    swapped = ev.Evaluator(spec, cfg, facades, "test", size=32, max_images=4, label_domain="", swap_ab=True)
+    assert torch.equal(swapped.data["a"], plain.data["b"]) and torch.equal(swapped.data["b"], plain.data["a"])
+    assert not torch.equal(swapped.mean_images["a"], plain.mean_images["a"])
