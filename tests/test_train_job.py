@@ -100,3 +100,25 @@ def test_print_config_shows_resolved_absolute_paths(home, capsys):
     out = capsys.readouterr().out
     assert '"norm": "batch_renorm"' in out and '"num_workers": 2' in out
     assert str(home) in out and os.path.isabs(str(home))
+
+
+def test_norm_study_logs_the_figure_and_the_train_eval_gap(facades_small_dst, home, tmp_path):
+    """Seed 000 as a job: three DualGANs (dropout off, so only the norm can make a gap)."""
+    import json
+
+    from jobs import norm_study
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sets = [f"data.path={facades_small_dst}", "train.steps=4", "eval.every=0", "checkpoint.every=4",
+            "eval.max_images=8", f"tracking.uri={uri}", "model.use_dropout=false", "tracking.register=false"]
+    assert norm_study.main(["--no-ray", "--images", "2", "--set", *sets]) == 0
+    client = MlflowClient(uri)
+    runs = _runs(client)
+    parent = next(r for r in runs if r.data.tags.get("study") == "norm")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.params["model.norm"] for r in children) == ["batch", "batch_renorm", "instance"]
+    files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"norm_study_ab.png", "norm_study_ba.png", "norm_study.json"} <= files
+    with open(client.download_artifacts(parent.info.run_id, "norm_study.json", str(tmp_path))) as f:
+        table = json.load(f)
+    assert table["instance"]["test_gap/l1_ab"] < 1e-6 < table["batch"]["test_gap/l1_ab"]
