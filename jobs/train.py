@@ -30,24 +30,51 @@ DATASETS = os.environ.get("TRANSMUTE_DATASETS", os.path.join(os.path.dirname(ROO
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--recipe", required=True, help=f"one of: {', '.join(sorted(RECIPES))}")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="dotted config overrides, e.g. optim.lr=1e-4 model.norm=batch_renorm")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    p.add_argument("--recipe", help=f"one of: {', '.join(sorted(RECIPES))}")
+    p.add_argument(
+        "--config", help="a RunConfig JSON file (e.g. a search's best_config.json) instead of a recipe"
+    )
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted config overrides, e.g. optim.lr=1e-4 model.norm=batch_renorm",
+    )
     p.add_argument("--resume", metavar="RUN_NAME", help="continue this run from its latest checkpoint")
-    p.add_argument("--no-ray", action="store_true",
-                   help="run the loop in this process (or under torchrun) without Ray; reader=local")
+    p.add_argument(
+        "--no-ray",
+        action="store_true",
+        help="run the loop in this process (or under torchrun) without Ray; reader=local",
+    )
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if bool(args.recipe) == bool(args.config):
+        p.error("give exactly one of --recipe NAME or --config FILE")
+    return args
 
 
 def build_config(args) -> RunConfig:
-    cfg = override(recipe(args.recipe), args.set)
+    cfg = override(load_config_file(args.config) if args.config else recipe(args.recipe), args.set)
     if args.no_ray:
         cfg = override(cfg, {"data.reader": "local"})
     return resolve_paths(cfg)
+
+
+def load_config_file(path: str) -> RunConfig:
+    from pipeline.run_config import from_json
+
+    try:
+        with open(path) as f:
+            return from_json(f.read())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--config {path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- data
@@ -80,15 +107,20 @@ def ensure_dataset(cfg: RunConfig) -> dict:
 
 def run_name(cfg: RunConfig) -> str:
     m = cfg.model
-    parts = [cfg.recipe or cfg.model_name, getattr(m, "norm", ""),
-             f"w{cfg.scaling.num_workers}", time.strftime("%Y%m%d-%H%M%S")]
+    parts = [
+        cfg.recipe or cfg.model_name,
+        getattr(m, "norm", ""),
+        f"w{cfg.scaling.num_workers}",
+        time.strftime("%Y%m%d-%H%M%S"),
+    ]
     return "-".join(p for p in parts if p)
 
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or os.environ.get("TRANSMUTE_GIT_COMMIT", "unknown")
     except (OSError, subprocess.SubprocessError):
         return os.environ.get("TRANSMUTE_GIT_COMMIT", "unknown")
@@ -100,8 +132,9 @@ def previous_run(cfg: RunConfig, name: str) -> dict:
 
     folder = storage.join(cfg.storage.path, name)
     if storage.is_s3(folder):
-        raise SystemExit("error: --resume of a run stored on s3:// is not supported yet; "
-                         "resume from local storage")
+        raise SystemExit(
+            "error: --resume of a run stored on s3:// is not supported yet; resume from local storage"
+        )
     latest = latest_local(folder)
     if latest is None:
         raise SystemExit(f"error: --resume {name}: no complete checkpoint under {folder}")
@@ -119,11 +152,24 @@ def start_tracking(cfg: RunConfig, manifest: dict) -> RunConfig:
     cfg = dataclasses.replace(cfg, tracking=tracking)
     if cfg.tracking.run_id:
         return cfg
-    tags = {"model": cfg.model_name, "recipe": cfg.recipe, "dataset": cfg.data.dataset,
-            "dataset.content_hash": manifest.get("content_hash", ""), "dataset.path": cfg.data.path,
-            "git.commit": git_commit(), "storage.path": storage.join(cfg.storage.path, cfg.tracking.run_name)}
-    run_id = create_run(uri, cfg.tracking.experiment, cfg.tracking.run_name, params=flat_params(cfg),
-                        tags=tags, parent_run_id=cfg.tracking.parent_run_id or None, home=cfg.home)
+    tags = {
+        "model": cfg.model_name,
+        "recipe": cfg.recipe,
+        "dataset": cfg.data.dataset,
+        "dataset.content_hash": manifest.get("content_hash", ""),
+        "dataset.path": cfg.data.path,
+        "git.commit": git_commit(),
+        "storage.path": storage.join(cfg.storage.path, cfg.tracking.run_name),
+    }
+    run_id = create_run(
+        uri,
+        cfg.tracking.experiment,
+        cfg.tracking.run_name,
+        params=flat_params(cfg),
+        tags=tags,
+        parent_run_id=cfg.tracking.parent_run_id or None,
+        home=cfg.home,
+    )
     return dataclasses.replace(cfg, tracking=dataclasses.replace(tracking, run_id=run_id))
 
 
@@ -132,10 +178,12 @@ def name_run(cfg: RunConfig, resume: str | None) -> RunConfig:
 
     if resume:
         meta = previous_run(cfg, resume)
-        return dataclasses.replace(cfg, tracking=dataclasses.replace(
-            cfg.tracking, run_name=resume, run_id=meta.get("run_id", "")))
-    return dataclasses.replace(cfg, tracking=dataclasses.replace(
-        cfg.tracking, run_name=cfg.tracking.run_name or run_name(cfg)))
+        return dataclasses.replace(
+            cfg, tracking=dataclasses.replace(cfg.tracking, run_name=resume, run_id=meta.get("run_id", ""))
+        )
+    return dataclasses.replace(
+        cfg, tracking=dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or run_name(cfg))
+    )
 
 
 # ----------------------------------------------------------------------------- launch
@@ -188,8 +236,10 @@ def main(argv=None) -> int:
     except BaseException:
         mark_failed(cfg)
         raise
-    print(f"done: checkpoints in {storage.join(cfg.storage.path, cfg.tracking.run_name)}\n"
-          f"compare runs: mlflow ui --backend-store-uri {cfg.tracking.uri}")
+    print(
+        f"done: checkpoints in {storage.join(cfg.storage.path, cfg.tracking.run_name)}\n"
+        f"compare runs: mlflow ui --backend-store-uri {cfg.tracking.uri}"
+    )
     return 0
 
 

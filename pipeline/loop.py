@@ -259,6 +259,9 @@ class PlainSession:
 
         return local_checkpoint_dir(self.root, step)
 
+    def checkpoint_location(self, step: int) -> str:
+        return checkpoint_uri(self.cfg, step)
+
     def report(self, metrics: dict, directory: str | None, step: int) -> None:
         from pipeline.checkpoint import prune_local
 
@@ -292,6 +295,9 @@ class RaySession:
         from pipeline.checkpoint import staging_dir
 
         return staging_dir()
+
+    def checkpoint_location(self, step: int) -> str:
+        return checkpoint_uri(self.cfg, step)
 
     def report(self, metrics: dict, directory: str | None, step: int) -> None:
         import shutil
@@ -377,6 +383,8 @@ def register_generators(cfg, spec, model_cfg, nets, tracker, metrics: dict) -> N
     from pipeline.checkpoint import net_tensors
     from pipeline.config import to_dict
 
+    if not cfg.tracking.log_models:
+        return
     base = cfg.tracking.registered_name or cfg.recipe or cfg.model_name
     for direction in spec.directions:
         net_name = spec.generator_for[direction]
@@ -400,6 +408,7 @@ class Trainee:
     state: dict
     progress: Progress
     resumed_from: int | None = None  # step of the checkpoint this process started from
+    last_eval: dict = dataclasses.field(default_factory=dict)  # the latest validation metrics
 
 
 def build_trainee(cfg, spec, model_cfg, session) -> Trainee:
@@ -422,7 +431,20 @@ def build_trainee(cfg, spec, model_cfg, session) -> Trainee:
         trainee.state = restored["state"]
         trainee.progress = Progress(**restored["progress"])
         trainee.resumed_from = trainee.progress.step
+        apply_learning_rate(cfg, model_cfg, trainee)
     return trainee
+
+
+def apply_learning_rate(cfg, model_cfg, trainee: Trainee) -> None:
+    """After a restore, this run's learning rate wins over the checkpoint's: a PBT exploit loads
+    the donor's optimizers and schedulers, then continues with the mutated rate (a --resume with
+    optim.lr changed likewise). Loss weights, Batch Renorm limits and the rest are read from the
+    config at every step, so they need nothing here."""
+    factor = lr_factor(trainee.progress.step, cfg.train.steps, cfg.optim.decay_from)
+    for name, scheduler in trainee.schedulers.items():
+        scheduler.base_lrs = [model_cfg.lr] * len(scheduler.base_lrs)
+        for group in trainee.optimizers[name].param_groups:
+            group["initial_lr"], group["lr"] = model_cfg.lr, model_cfg.lr * factor
 
 
 def save_checkpoint(cfg, session, trainee: Trainee, tracker) -> str:
@@ -439,7 +461,7 @@ def save_checkpoint(cfg, session, trainee: Trainee, tracker) -> str:
     if session.rank == 0:
         ckpt.write_meta(directory, {**dataclasses.asdict(trainee.progress), "run_id": cfg.tracking.run_id,
                                     "world_size": session.world, "model": cfg.model_name})
-        tracker.set_tags({"checkpoint.latest": checkpoint_uri(cfg, step)})
+        tracker.set_tags({"checkpoint.latest": session.checkpoint_location(step)})
     return directory
 
 
@@ -494,7 +516,7 @@ def run_training(cfg, session) -> dict:
         meter.add(losses, batch["a" if "a" in batch else "b"].shape[0] * session.world, waited,
                   time.perf_counter() - start)
         after_step(cfg, session, trainee, tracker, evaluator, meter)
-    return finish(cfg, spec, model_cfg, session, trainee, tracker)
+    return finish(cfg, spec, model_cfg, session, trainee, tracker, evaluator)
 
 
 def after_step(cfg, session, trainee: Trainee, tracker, evaluator, meter: Meter) -> None:
@@ -502,25 +524,29 @@ def after_step(cfg, session, trainee: Trainee, tracker, evaluator, meter: Meter)
     if step % cfg.train.log_every == 0 or last:
         lrs = {f"lr/{k}": o.param_groups[0]["lr"] for k, o in trainee.optimizers.items()}
         tracker.log_metrics({**meter.flush(), **lrs, "progress/epoch": trainee.progress.epoch}, step)
-    evaluate_now = bool(cfg.eval.every) and step % cfg.eval.every == 0 and not last
+    evaluate_now = (bool(cfg.eval.every) and step % cfg.eval.every == 0) or last
     checkpoint_now = (bool(cfg.checkpoint.every) and step % cfg.checkpoint.every == 0) or last
     if not (evaluate_now or checkpoint_now):
         return
     metrics = {"step": step}
-    if trainee.resumed_from is not None:
-        metrics["progress/resumed_from_step"] = trainee.resumed_from
     if evaluate_now and evaluator is not None:
-        metrics.update(evaluate(cfg, evaluator, trainee.nets, session.device, "eval/"))
+        trainee.last_eval = evaluate(cfg, evaluator, trainee.nets, session.device, "eval/")
+        metrics.update(trainee.last_eval)
         tracker.log_metrics(metrics, step)
         log_grids(cfg, evaluator, trainee.nets, session.device, tracker, step)
+    if trainee.resumed_from is not None:  # for Ray's and Tune's results; MLflow has it once
+        metrics["progress/resumed_from_step"] = trainee.resumed_from
     directory = save_checkpoint(cfg, session, trainee, tracker) if checkpoint_now else None
     session.report(metrics, directory, step)
 
 
-def finish(cfg, spec, model_cfg, session, trainee: Trainee, tracker) -> dict:
+def finish(cfg, spec, model_cfg, session, trainee: Trainee, tracker, evaluator) -> dict:
     """Rank 0: test-split metrics, final grids, generators logged and registered; run ended.
-    Every rank then joins one last report, which carries the test metrics to Ray's result."""
-    metrics = {"step": trainee.progress.step}
+    Every rank then joins one last report, which carries the final validation and test metrics to
+    Ray's result (a run restored at its last step, e.g. a PBT exploit, evaluates here)."""
+    if session.rank == 0 and not trainee.last_eval:
+        trainee.last_eval = evaluate(cfg, evaluator, trainee.nets, session.device, "eval/")
+    metrics = {"step": trainee.progress.step, **trainee.last_eval}
     if session.rank == 0:
         test = build_evaluator(cfg, spec, model_cfg, session.device, cfg.data.test_split)
         metrics.update(evaluate(cfg, test, trainee.nets, session.device, "test/"))

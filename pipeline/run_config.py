@@ -95,6 +95,7 @@ class TrackingSettings:
     run_name: str = ""  # "" = model-dataset-key settings
     run_id: str = ""  # set by the driver; workers reattach to it after a restart
     parent_run_id: str = ""  # a Tune search's parent run
+    log_models: bool = True  # log the final generators as MLflow models (searches turn this off)
     register: bool = True  # register the final generators in the model registry
     registered_name: str = ""  # "" = <recipe>; each generator registers as <name>-<direction>
 

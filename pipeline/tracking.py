@@ -122,6 +122,25 @@ def create_run(tracking_uri: str, experiment: str, run_name: str, *, params: dic
     return run_id
 
 
+def find_run(tracking_uri: str, experiment: str, tags: dict) -> str | None:
+    """The id of the run in `experiment` carrying all these tag values, if there is one."""
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([found.experiment_id], filter_string=where, max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def runs_under(tracking_uri: str, parent_run_id: str) -> list:
+    """The child runs of a parent run (a search's trials)."""
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    return client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'")
+
+
 def _clip(value: Any, limit: int) -> str:
     text = str(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
@@ -404,3 +423,89 @@ def get_model_version_metrics(tracking_uri: str, name: str, version: str | int) 
     if not model_id:
         return {}
     return {m.key: m.value for m in client.get_logged_model(model_id).metrics or []}
+
+
+# ----------------------------------------------------------------------------- lookups: translate, promote
+
+
+class ModelNotFound(LookupError):
+    """A registered model, version or alias that does not exist; the message lists what does."""
+
+
+def split_model_uri(uri: str) -> tuple[str, str, str]:
+    """`models:/NAME/VERSION` -> (NAME, "/", VERSION); `models:/NAME@ALIAS` -> (NAME, "@", ALIAS);
+    `models:/MODEL_ID` -> (MODEL_ID, "", "")."""
+    rest = uri.removeprefix("models:/")
+    if "@" in rest:
+        name, _, alias = rest.partition("@")
+        return name, "@", alias
+    name, sep, version = rest.partition("/")
+    return name, sep, version
+
+
+def check_model_uri(tracking_uri: str, uri: str) -> None:
+    """Raise ModelNotFound, naming what the registry does hold, when `models:/NAME/VERSION`,
+    `models:/NAME/latest` or `models:/NAME@ALIAS` points at nothing. Other URIs pass unchecked."""
+    if not uri.startswith("models:/"):
+        return
+    name, sep, ref = split_model_uri(uri)
+    if not sep:
+        return  # a logged model id: load_generator's own error is clear enough
+    client = MlflowClient(tracking_uri)
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        names = sorted(m.name for m in client.search_registered_models(max_results=200))
+        raise ModelNotFound(f"no registered model {name!r} at {tracking_uri}; registered models: "
+                            f"{', '.join(names) or 'none'}") from None
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+    aliases = dict(model.aliases or {})
+    where = f"model {name!r} (versions {versions or 'none'}, aliases {aliases or 'none'})"
+    if sep == "@" and ref not in aliases:
+        raise ModelNotFound(f"{where} has no alias {ref!r}: promote a version first, e.g. "
+                            f"`python jobs/promote.py {name} --alias {ref} --metric KEY --min VALUE`")
+    if sep == "/" and ref == "latest" and not versions:
+        raise ModelNotFound(f"{where} has no versions yet")
+    if sep == "/" and ref != "latest" and (not ref.isdigit() or int(ref) not in versions):
+        raise ModelNotFound(f"{where} has no version {ref!r}")
+
+
+def resolve_version(tracking_uri: str, name: str, ref: str = "latest") -> str:
+    """The version number that `ref` (a version, "latest" or "@alias") names; ModelNotFound if none."""
+    uri = f"models:/{name}{ref}" if ref.startswith("@") else f"models:/{name}/{ref}"
+    check_model_uri(tracking_uri, uri)
+    client = MlflowClient(tracking_uri)
+    if ref.startswith("@"):
+        return str(client.get_model_version_by_alias(name, ref[1:]).version)
+    if ref == "latest":
+        return str(max(int(v.version) for v in client.search_model_versions(f"name = '{name}'")))
+    return str(int(ref))
+
+
+def get_model_version_info(tracking_uri: str, name: str, version: str | int) -> dict:
+    """{name, version, run_id, aliases, tags} of one registered version."""
+    mv = MlflowClient(tracking_uri).get_model_version(name, str(version))
+    return {"name": mv.name, "version": str(mv.version), "run_id": mv.run_id,
+            "aliases": list(mv.aliases or []), "tags": dict(mv.tags or {})}
+
+
+def get_run_params(tracking_uri: str, run_id: str) -> dict[str, str]:
+    """A run's params (flat dotted names, as `create_run` logged them)."""
+    return dict(MlflowClient(tracking_uri).get_run(run_id).data.params)
+
+
+def get_run_metrics(tracking_uri: str, run_id: str) -> dict[str, float]:
+    """A run's metrics, each at its latest logged value."""
+    return dict(MlflowClient(tracking_uri).get_run(run_id).data.metrics)
+
+
+def set_model_version_tag(tracking_uri: str, name: str, version: str | int, key: str, value: str) -> None:
+    MlflowClient(tracking_uri).set_model_version_tag(name, str(version), key, _clip(value, MAX_TAG_LENGTH))
+
+
+def model_alias_version(tracking_uri: str, name: str, alias: str) -> str | None:
+    """The version an alias points at, None when it is not set."""
+    aliases = MlflowClient(tracking_uri).get_registered_model(name).aliases or {}
+    return str(aliases[alias]) if alias in aliases else None

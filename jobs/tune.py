@@ -1,0 +1,310 @@
+"""Search hyperparameters of any recipe with Ray Tune (ASHA or PBT); one MLflow run per trial.
+
+    python jobs/tune.py --recipe dualgan_facades-quick --space optim.lr=loguniform:1e-5:1e-3 \\
+        --metric eval/pixel_acc_ab --num-samples 4 --scheduler asha
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/tune.py ...
+
+Each trial trains the recipe with its sampled values (dotted config keys), evaluates on the
+validation split every --eval-every steps in eval mode and reports the objective, so ASHA can
+stop bad trials early; PBT copies the complete state of good trials into bad ones and perturbs
+the continuous keys. The MLflow parent run gets the space, scheduler settings, best trial, best
+config and a results table; the best config is also written as JSON, runnable with
+`python jobs/train.py --config <best_config.json>`. `--resume` continues an interrupted search
+from its storage folder without repeating finished trials.
+"""
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from jobs import train as train_job  # noqa: E402
+from jobs.recipes import RECIPES, recipe  # noqa: E402
+from pipeline import search, storage  # noqa: E402
+from pipeline.config import ConfigError  # noqa: E402
+from pipeline.run_config import RunConfig, override, resolve_paths, to_json  # noqa: E402
+
+
+def add_arguments(p: argparse.ArgumentParser, defaults: dict) -> argparse.ArgumentParser:
+    p.add_argument(
+        "--recipe",
+        default=defaults.get("recipe"),
+        required="recipe" not in defaults,
+        help=f"one of: {', '.join(sorted(RECIPES))}",
+    )
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="fixed overrides of the recipe")
+    p.add_argument(
+        "--space",
+        nargs="*",
+        default=None,
+        metavar="KEY=SPEC",
+        help="uniform:LOW:HIGH loguniform:LOW:HIGH int:LOW:HIGH choice:a,b grid:a,b or a value",
+    )
+    p.add_argument("--space-file", help="JSON file {key: spec}, merged under --space")
+    p.add_argument(
+        "--metric",
+        default=defaults.get("metric", "eval/psnr_ab"),
+        help="validation metric to optimise (eval/...)",
+    )
+    p.add_argument("--mode", choices=("min", "max"), help="default: min for l1/fid/kid/loss, else max")
+    p.add_argument("--num-samples", type=int, default=4)
+    p.add_argument("--max-steps", type=int, default=None, help="training steps per trial (default: recipe's)")
+    p.add_argument(
+        "--eval-every", type=int, default=None, help="steps between reports (default: max-steps/6)"
+    )
+    p.add_argument("--scheduler", choices=("asha", "pbt", "fifo"), default="asha")
+    p.add_argument("--workers-per-trial", type=int, default=1)
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="per worker")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--max-concurrent", type=int, default=0, help="0: as many as resources allow")
+    p.add_argument("--storage", default="", help="Tune storage, local or s3:// (default <home>/tune)")
+    p.add_argument("--name", default="", help="search name (default recipe-scheduler-time)")
+    p.add_argument("--resume", action="store_true", help="continue the search --name from its storage")
+    p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else local)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def parse_args(argv=None, defaults: dict | None = None):
+    defaults = defaults or {}
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    args = add_arguments(p, defaults).parse_args(argv)
+    if args.space is None:
+        args.space = list(defaults.get("space", []))
+    if args.resume and not args.name:
+        p.error("--resume needs --name of the search to continue")
+    return args
+
+
+def base_config(args) -> RunConfig:
+    cfg = override(recipe(args.recipe), args.set)
+    steps = args.max_steps or cfg.train.steps
+    every = args.eval_every or max(1, steps // 6)
+    fixed = {
+        "train.steps": steps,
+        "eval.every": every,
+        "checkpoint.every": every,
+        "train.seed": args.seed,
+        "scaling.num_workers": args.workers_per_trial,
+        "scaling.cpus_per_worker": args.cpus_per_trial,
+        "scaling.use_gpu": args.gpus_per_trial > 0,
+        "tracking.register": False,
+        "tracking.log_models": False,
+    }
+    if args.workers_per_trial == 1:
+        fixed["data.reader"] = "local"  # in the trial's own process: no Ray Data tasks to schedule
+    return resolve_paths(override(cfg, fixed))
+
+
+def scheduler_for(args, dims, mode: str):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    if args.scheduler == "asha":
+        return ASHAScheduler(time_attr="training_iteration", grace_period=1, reduction_factor=2)
+    if args.scheduler == "fifo":
+        return FIFOScheduler()
+    mutations = search.pbt_mutations(dims)
+    if not mutations:
+        raise ConfigError("--scheduler pbt needs at least one continuous dimension (uniform: or loguniform:)")
+    if args.workers_per_trial > 1:
+        raise ConfigError(
+            "--scheduler pbt runs with --workers-per-trial 1 (its exploit copies Tune "
+            "checkpoints, which multi-worker trials keep in Ray Train's storage)"
+        )
+    return PopulationBasedTraining(
+        time_attr="training_iteration",
+        perturbation_interval=1,
+        hyperparam_mutations=mutations,
+        quantile_fraction=0.5,
+        resample_probability=0.25,
+        synch=False,
+    )
+
+
+def search_name(args) -> str:
+    return args.name or f"{args.recipe}-{args.scheduler}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def parent_run(cfg: RunConfig, args, name: str, dims, mode: str) -> str:
+    from pipeline.tracking import create_run, find_run
+
+    tags = {"tune.search": name, "tune.role": "parent"}
+    found = find_run(cfg.tracking.uri, cfg.tracking.experiment, tags) if args.resume else None
+    if found:
+        return found
+    params = {
+        **{f"space.{d.key}": f"{d.kind}:{','.join(map(str, d.values))}" for d in dims},
+        "scheduler": args.scheduler,
+        "metric": args.metric,
+        "mode": mode,
+        "num_samples": args.num_samples,
+        "max_steps": cfg.train.steps,
+        "eval_every": cfg.eval.every,
+        "workers_per_trial": args.workers_per_trial,
+        "gpus_per_trial": args.gpus_per_trial,
+        "recipe": args.recipe,
+        "overrides": " ".join(args.set),
+    }
+    return create_run(
+        cfg.tracking.uri,
+        cfg.tracking.experiment,
+        name,
+        params=params,
+        tags={**tags, "model": cfg.model_name, "recipe": args.recipe},
+        home=cfg.home,
+    )
+
+
+def make_tuner(args, cfg: RunConfig, dims, mode: str, name: str, storage_path: str):
+    from ray import tune
+
+    trainable = tune.with_parameters(search.run_trial, base_json=to_json(cfg), search_name=name)
+    trainable = tune.with_resources(trainable, search.trial_resources(cfg, args.gpus_per_trial))
+    filesystem, path = (
+        storage.arrow_filesystem(storage_path, cfg.data.s3_endpoint or None)
+        if storage.is_s3(storage_path)
+        else (None, storage_path)
+    )
+    keep = None if args.scheduler == "pbt" else 2  # PBT's exploit needs the donor's checkpoint kept
+    run_config = tune.RunConfig(
+        name=name,
+        storage_path=path,
+        storage_filesystem=filesystem,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
+        failure_config=tune.FailureConfig(max_failures=1),
+    )
+    if args.resume:
+        return tune.Tuner.restore(
+            storage.join(storage_path, name),
+            trainable=trainable,
+            resume_errored=True,
+            storage_filesystem=filesystem,
+        )
+    tune_config = tune.TuneConfig(
+        metric=args.metric,
+        mode=mode,
+        scheduler=scheduler_for(args, dims, mode),
+        num_samples=args.num_samples,
+        max_concurrent_trials=args.max_concurrent or None,
+    )
+    return tune.Tuner(
+        trainable, param_space=search.tune_space(dims), tune_config=tune_config, run_config=run_config
+    )
+
+
+def summarise(results, args, cfg: RunConfig, mode: str, out_dir: str, parent_id: str) -> dict:
+    """Best trial and config, results table: printed, saved beside the search, logged to the parent."""
+    from pipeline.tracking import Tracker
+
+    best = results.get_best_result(metric=args.metric, mode=mode, scope="all")
+    params = {k: v for k, v in best.config.items()}
+    best_json = search.best_run_config(to_json(cfg), params)
+    best_path = os.path.join(out_dir, "best_config.json")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(best_path + ".tmp", "w") as f:
+        f.write(best_json)
+    os.replace(best_path + ".tmp", best_path)
+    table = results.get_dataframe(filter_metric=args.metric, filter_mode=mode)
+    keep = [
+        c
+        for c in table.columns
+        if c.startswith(("config/", "eval/", "test/"))
+        or c in ("trial_id", "step", "training_iteration", "progress/resumed_from_step")
+    ]
+    table_path = os.path.join(out_dir, "results.csv")
+    table[keep].to_csv(table_path, index=False)
+    value = (
+        best.metrics_dataframe[args.metric].max()
+        if mode == "max"
+        else best.metrics_dataframe[args.metric].min()
+    )
+    parent = Tracker(cfg.tracking.uri, parent_id)
+    # tags, not params: a resumed search may find another best trial, and params never change
+    parent.set_tags(
+        {"best.trial_id": best.metrics.get("trial_id", ""), **{f"best.{k}": v for k, v in params.items()}}
+    )
+    parent.log_metrics({f"best/{args.metric}": float(value)}, 0)
+    parent.log_artifact(best_path)
+    parent.log_artifact(table_path)
+    parent.end("FINISHED")
+    return {
+        "best_config": best_path,
+        "results": table_path,
+        "best_value": float(value),
+        "best_params": params,
+    }
+
+
+def run(args) -> dict:
+    cfg = base_config(args)
+    dims = search.parse_space(args.space, cfg, args.space_file)
+    search.check_metric(args.metric)
+    mode = search.metric_mode(args.metric, args.mode)
+    manifest = train_job.ensure_dataset(cfg)
+    from pipeline.tracking import resolve_tracking_uri
+
+    cfg = dataclasses.replace(
+        cfg,
+        tracking=dataclasses.replace(
+            cfg.tracking, uri=resolve_tracking_uri(cfg.tracking.uri or None, cfg.home)
+        ),
+    )
+    name = search_name(args)
+    storage_path = args.storage or os.path.join(cfg.home, "tune")
+    parent_id = parent_run(cfg, args, name, dims, mode)
+    cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, parent_run_id=parent_id))
+    print(
+        f"search {name}: {len(dims)} dimensions, {args.num_samples} samples, {args.scheduler}, "
+        f"objective {args.metric} ({mode}); dataset {manifest.get('content_hash', '')}; "
+        f"MLflow parent run {parent_id} at {cfg.tracking.uri}",
+        flush=True,
+    )
+    train_job.init_ray(args.address, cfg)
+    results = make_tuner(args, cfg, dims, mode, name, storage_path).fit()
+    if results.num_terminated + results.num_errors < len(results):  # Ctrl-C: Tune saved its state
+        from pipeline.tracking import Tracker
+
+        Tracker(cfg.tracking.uri, parent_id).end("KILLED")
+        print(
+            f"search {name} interrupted; continue it with the same command plus --resume --name {name}",
+            file=sys.stderr,
+        )
+        raise SystemExit(130)
+    errors = [r.error for r in results if r.error]
+    if len(errors) == len(results):
+        raise RuntimeError(f"every trial failed; first error: {errors[0]}")
+    out_dir = (
+        os.path.join(cfg.home, "tune", name)
+        if storage.is_s3(storage_path)
+        else storage.join(storage_path, name)
+    )
+    summary = summarise(results, args, cfg, mode, out_dir, parent_id)
+    print(
+        f"best {args.metric} = {summary['best_value']:.4f} with {summary['best_params']}\n"
+        f"best config: {summary['best_config']}  (python jobs/train.py --config {summary['best_config']})\n"
+        f"results table: {summary['results']}; {len(errors)} trial(s) errored",
+        flush=True,
+    )
+    return summary
+
+
+def main(argv=None, defaults: dict | None = None) -> int:
+    try:
+        args = parse_args(argv, defaults)
+        run(args)
+    except (ConfigError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Hyperparameter search with Ray Tune over any recipe: search spaces on dotted config keys, ASHA or
+PBT, one MLflow run per trial nested under the search's parent run.
+
+Trials with one worker (the default) run the training loop inside the trial's own Tune actor
+(`TuneSession`) and report complete checkpoints to Tune, so PBT's exploit copies the whole
+training state (nets, optimizers, schedules, pools, RNG, step) from the donor and the mutated
+hyperparameters apply on restore. Trials with several workers run a TorchTrainer inside the
+trial (Ray Train V2 takes no Trainer in a Tuner) and forward its reports to Tune; they support
+ASHA, not PBT (their checkpoints live in Ray Train's storage, out of Tune's reach).
+
+Space syntax (CLI `--space key=spec`, or a JSON file {key: spec}):
+    uniform:LOW:HIGH  loguniform:LOW:HIGH  int:LOW:HIGH  choice:a,b,c  grid:a,b,c  (a constant value)
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+
+from pipeline.config import ConfigError
+from pipeline.run_config import RunConfig, from_json, override, to_json
+
+LOWER_IS_BETTER = ("l1", "fid", "kid", "cycle_l1", "loss")
+CONTINUOUS = ("uniform", "loguniform")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dimension:
+    key: str
+    kind: str  # uniform | loguniform | int | choice | grid | constant
+    values: tuple
+
+    @property
+    def continuous(self) -> bool:
+        return self.kind in CONTINUOUS
+
+
+def parse_dimension(key: str, spec, cfg: RunConfig) -> Dimension:
+    """One dimension, its values typed as the config field they set (checked against `cfg`)."""
+    kind, sep, rest = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if not sep or kind not in ("uniform", "loguniform", "int", "choice", "grid"):
+        return Dimension(key, "constant", (_typed(cfg, key, spec),))
+    if kind in CONTINUOUS + ("int",):
+        parts = [p for p in rest.split(":") if p.strip()]
+        if len(parts) != 2:
+            raise ConfigError(f"--space {key}={spec}: {kind} takes LOW:HIGH")
+        low, high = (float(p) for p in parts)
+        if low >= high or (kind == "loguniform" and low <= 0):
+            raise ConfigError(
+                f"--space {key}={spec}: need 0 < LOW < HIGH for loguniform, LOW < HIGH otherwise"
+            )
+        _typed(cfg, key, str(int(low) if kind == "int" else low))
+        return Dimension(key, kind, (low, high))
+    parts = [p.strip() for p in rest.split(",") if p.strip()]
+    if not parts:
+        raise ConfigError(f"--space {key}={spec}: {kind} needs at least one value")
+    return Dimension(key, kind, tuple(_typed(cfg, key, p) for p in parts))
+
+
+def _typed(cfg: RunConfig, key: str, text):
+    """`text` as the type of config field `key` (an unknown key raises, naming the valid ones)."""
+    value = override(cfg, {key: text})
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def parse_space(items: list[str], cfg: RunConfig, json_file: str | None = None) -> list[Dimension]:
+    specs = {}
+    if json_file:
+        with open(json_file) as f:
+            specs.update(json.load(f))
+    for item in items:
+        key, sep, spec = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--space {item!r} must look like key=spec (e.g. renorm.rmax=uniform:1.5:5)")
+        specs[key.strip()] = spec.strip()
+    return [parse_dimension(k, v, cfg) for k, v in specs.items()]
+
+
+def tune_space(dims: list[Dimension]) -> dict:
+    from ray import tune
+
+    make = {
+        "uniform": lambda d: tune.uniform(*d.values),
+        "loguniform": lambda d: tune.loguniform(*d.values),
+        "int": lambda d: tune.randint(int(d.values[0]), int(d.values[1]) + 1),
+        "choice": lambda d: tune.choice(list(d.values)),
+        "grid": lambda d: tune.grid_search(list(d.values)),
+        "constant": lambda d: d.values[0],
+    }
+    return {d.key: make[d.kind](d) for d in dims}
+
+
+def pbt_mutations(dims: list[Dimension]) -> dict:
+    """PBT perturbs only continuous keys: a categorical jump (norm kind) would not fit the copied
+    weights and optimizer state."""
+    from ray import tune
+
+    make = {"uniform": tune.uniform, "loguniform": tune.loguniform}
+    return {d.key: make[d.kind](*d.values) for d in dims if d.continuous}
+
+
+def metric_mode(metric: str, mode: str | None = None) -> str:
+    if mode:
+        if mode not in ("min", "max"):
+            raise ConfigError(f"--mode must be min or max, got {mode!r}")
+        return mode
+    name = metric.split("/")[-1]
+    return "min" if name.startswith(LOWER_IS_BETTER) else "max"
+
+
+def check_metric(metric: str) -> None:
+    """The objective is measured on the validation split, never the test split."""
+    if not metric.startswith(("eval/", "eval_")):
+        raise ConfigError(
+            f"--metric {metric!r}: optimise a validation metric (eval/...), e.g. "
+            "eval/pixel_acc_ab; test/ metrics are reported but never optimised"
+        )
+
+
+# ----------------------------------------------------------------------------- the trial
+
+
+class TuneSession:
+    """The training loop inside one Tune trial actor: rank 0 of 1, checkpoints reported to Tune."""
+
+    rank, world = 0, 1
+
+    def __init__(self, cfg: RunConfig):
+        import torch
+
+        self.cfg = cfg
+        self.device = torch.device("cuda" if cfg.scaling.use_gpu else "cpu")
+
+    def restore(self, load):
+        from ray import tune
+
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as directory:
+            return load(directory)
+
+    def checkpoint_dir(self, step: int) -> str:
+        from pipeline.checkpoint import staging_dir
+
+        return staging_dir()
+
+    def checkpoint_location(self, step: int) -> str:
+        from ray import tune
+
+        return f"{tune.get_context().get_trial_dir()} (Tune checkpoint at step {step})"
+
+    def report(self, metrics: dict, directory: str | None, step: int) -> None:
+        from ray import tune
+
+        checkpoint = tune.Checkpoint.from_directory(directory) if directory else None
+        tune.report(metrics, checkpoint=checkpoint)
+        if directory:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def trial_config(base_json: str, params: dict, trial_id: str, trial_name: str) -> RunConfig:
+    """The trial's RunConfig: the base with the sampled values, its own run name and storage."""
+    cfg = override(from_json(base_json), {k: v for k, v in params.items()})
+    tracking = dataclasses.replace(cfg.tracking, run_name=trial_name, run_id="", register=False)
+    storage = dataclasses.replace(cfg.storage, path=os.path.join(cfg.storage.path, "trials"))
+    return dataclasses.replace(cfg, tracking=tracking, storage=storage)
+
+
+def trial_run_id(cfg: RunConfig, trial_id: str, search_name: str) -> str:
+    """This trial's MLflow run: found by its trial id (after a restart, a PBT exploit or --resume)
+    or created under the search's parent run. A PBT exploit copies the donor's checkpoint, but never
+    its run: each trial logs to its own run."""
+    from pipeline.run_config import flat_params
+    from pipeline.tracking import create_run, find_run
+
+    tags = {"tune.trial_id": trial_id, "tune.search": search_name}
+    found = find_run(cfg.tracking.uri, cfg.tracking.experiment, tags)
+    if found:
+        return found
+    tags.update({"model": cfg.model_name, "recipe": cfg.recipe, "dataset": cfg.data.dataset})
+    return create_run(
+        cfg.tracking.uri,
+        cfg.tracking.experiment,
+        cfg.tracking.run_name,
+        params=flat_params(cfg),
+        tags=tags,
+        parent_run_id=cfg.tracking.parent_run_id or None,
+        home=cfg.home,
+    )
+
+
+def run_trial(params: dict, base_json: str, search_name: str) -> None:
+    """Tune's function trainable."""
+    from ray import tune
+
+    from pipeline.loop import run_training
+
+    context = tune.get_context()
+    cfg = trial_config(base_json, params, context.get_trial_id(), context.get_trial_name())
+    cfg = dataclasses.replace(
+        cfg,
+        tracking=dataclasses.replace(
+            cfg.tracking, run_id=trial_run_id(cfg, context.get_trial_id(), search_name)
+        ),
+    )
+    if cfg.scaling.num_workers == 1:
+        run_training(cfg, TuneSession(cfg))
+    else:
+        run_trainer_in_trial(cfg)
+
+
+def run_trainer_in_trial(cfg: RunConfig) -> None:
+    """Several workers per trial: a TorchTrainer whose reports reach Tune through a callback."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.loop import ray_trainer
+
+    trainer = ray_trainer(cfg)
+    trainer.run_config.callbacks = [*(trainer.run_config.callbacks or []), TuneReportCallback()]
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+
+
+def trial_resources(cfg: RunConfig, gpus_per_trial: float) -> dict:
+    """Explicit per-trial requests so that trials queue rather than deadlock on a small cluster."""
+    if cfg.scaling.num_workers == 1:
+        return {"CPU": cfg.scaling.cpus_per_worker, "GPU": gpus_per_trial}
+    return {"CPU": 0.1}  # the trial only drives its TorchTrainer, whose workers hold the resources
+
+
+def save_json(obj, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+    return path
+
+
+def best_run_config(base_json: str, params: dict) -> str:
+    """The best trial's complete RunConfig as JSON, runnable with `jobs/train.py --config FILE`."""
+    cfg = override(from_json(base_json), params)
+    tracking = dataclasses.replace(
+        cfg.tracking, run_id="", run_name="", parent_run_id="", register=True, log_models=True
+    )
+    return to_json(dataclasses.replace(cfg, tracking=tracking))

@@ -1,0 +1,393 @@
+"""Searches with Ray Tune: ASHA stops a bad trial, PBT continues from its donor's step, an
+interrupted search resumes without repeating finished trials, and `ray job submit` of
+jobs/tune_dualgan.py works against a `ray start --head` cluster that the test starts and stops."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from mlflow import MlflowClient
+
+from jobs import train as train_job
+from jobs import tune as tune_job
+from jobs.recipes import recipe
+from pipeline import search
+from pipeline.config import ConfigError
+from pipeline.tracking import runs_under
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def common(data, uri, name, steps=6, every=2):
+    return [
+        "--recipe",
+        "dualgan_facades-quick",
+        "--name",
+        name,
+        "--max-steps",
+        str(steps),
+        "--eval-every",
+        str(every),
+        "--cpus-per-trial",
+        "0.5",
+        "--set",
+        f"data.path={data}",
+        "eval.max_images=8",
+        f"tracking.uri={uri}",
+        "train.log_every=1",
+    ]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRANSMUTE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def parent_and_children(uri, name):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("transmute")
+    (parent,) = client.search_runs(
+        [exp.experiment_id], f"tags.`tune.search` = '{name}' and tags.`tune.role` = 'parent'"
+    )
+    return client, parent, runs_under(uri, parent.info.run_id)
+
+
+# ----------------------------------------------------------------------------- spaces (no Ray)
+
+
+def test_space_specs_are_typed_and_checked():
+    cfg = recipe("dualgan_facades-quick")
+    dims = {
+        d.key: d
+        for d in search.parse_space(
+            [
+                "renorm.rmax=uniform:1.5:5",
+                "optim.lr=loguniform:1e-5:1e-3",
+                "renorm.warmup_steps=int:0:100",
+                "model.norm=choice:batch,instance",
+                "model.lambda_a=grid:100,500",
+                "train.seed=3",
+            ],
+            cfg,
+        )
+    }
+    assert dims["renorm.rmax"].values == (1.5, 5.0) and dims["model.norm"].values == ("batch", "instance")
+    assert dims["model.lambda_a"].values == (100.0, 500.0) and dims["train.seed"].values == (3,)
+    assert set(search.pbt_mutations(list(dims.values()))) == {"renorm.rmax", "optim.lr"}
+    with pytest.raises(ConfigError, match="valid keys"):
+        search.parse_space(["model.rmax=uniform:1:2"], cfg)
+    with pytest.raises(ConfigError, match="LOW < HIGH"):
+        search.parse_space(["renorm.rmax=uniform:5:1"], cfg)
+    with pytest.raises(ConfigError, match="expected int"):
+        search.parse_space(["model.ngf=choice:8,wide"], cfg)
+    with pytest.raises(ConfigError, match="validation metric"):
+        search.check_metric("test/pixel_acc_ab")
+    assert search.metric_mode("eval/cycle_l1_a") == "min" and search.metric_mode("eval/pixel_acc_ab") == "max"
+
+
+def test_space_from_a_json_file(tmp_path):
+    path = tmp_path / "space.json"
+    path.write_text(json.dumps({"optim.lr": "loguniform:1e-5:1e-3", "model.norm": "choice:batch,instance"}))
+    dims = search.parse_space(["model.norm=choice:instance"], recipe("dualgan_facades-quick"), str(path))
+    assert {d.key: d.values for d in dims} == {"optim.lr": (1e-5, 1e-3), "model.norm": ("instance",)}
+
+
+# ----------------------------------------------------------------------------- searches on the session's Ray
+
+
+@pytest.mark.integration
+def test_asha_stops_the_clearly_worse_trial_and_releases_its_cpus(
+    facades_small_dst, ray_cluster, home, tmp_path
+):
+    """Trial 1 learns (lr 1e-3); trial 2 cannot (lr 0), so its cycle error stays at the start value
+    and ASHA stops it at the first rung. One trial at a time, in grid order."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = common(facades_small_dst, uri, "asha", steps=8, every=2) + [
+        "--space",
+        "optim.lr=grid:1e-3,0.0",
+        "--metric",
+        "eval/cycle_l1_a",
+        "--num-samples",
+        "1",
+        "--max-concurrent",
+        "1",
+        "--scheduler",
+        "asha",
+    ]
+    total = ray_cluster.cluster_resources()["CPU"]
+    assert tune_job.main(args) == 0
+    client, parent, children = parent_and_children(uri, "asha")
+    steps = {
+        float(c.data.params["optim.lr"]): max(
+            m.step for m in client.get_metric_history(c.info.run_id, "eval/cycle_l1_a")
+        )
+        for c in children
+    }
+    assert steps[0.001] == 8 and steps[0.0] < 8, steps  # the lr-0 trial was stopped early
+    assert float(parent.data.tags["best.optim.lr"]) == 0.001
+    deadline = time.time() + 30
+    while ray_cluster.available_resources().get("CPU", 0) < total and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray_cluster.available_resources().get("CPU", 0) == total  # stopped trials gave their CPUs back
+    best = os.path.join(home, "tune", "asha", "best_config.json")
+    with open(best) as f:
+        assert json.load(f)["optim"]["lr"] == 0.001
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"best_config.json", "results.csv"} <= artifacts
+    assert (
+        train_job.main(
+            [
+                "--config",
+                best,
+                "--no-ray",
+                "--set",
+                "train.steps=2",
+                "eval.every=0",
+                "checkpoint.every=2",
+                f"tracking.uri={uri}",
+                "tracking.run_name=from-best",
+            ]
+        )
+        == 0
+    )
+
+
+@pytest.mark.integration
+def test_pbt_exploit_continues_from_the_donors_step(facades_small_dst, ray_cluster, home, tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = common(facades_small_dst, uri, "pbt", steps=8, every=2) + [
+        "--space",
+        "optim.lr=loguniform:1e-5:1e-3",
+        "model.lambda_a=uniform:100:1000",
+        "--metric",
+        "eval/cycle_l1_a",
+        "--num-samples",
+        "2",
+        "--scheduler",
+        "pbt",
+        "--seed",
+        "1",
+    ]
+    assert tune_job.main(args) == 0
+    client, _, children = parent_and_children(uri, "pbt")
+    assert len(children) == 2  # an exploit copies the donor's state, never its MLflow run
+    restarts = []
+    for child in children:
+        resumed = client.get_metric_history(child.info.run_id, "progress/resumed_from_step")
+        losses = client.get_metric_history(child.info.run_id, "loss/G/total")
+        for r in resumed:  # what this trial logged after taking the donor's state
+            after = sorted(m.step for m in losses if m.timestamp >= r.timestamp)
+            restarts.append((r.value, after))
+    assert restarts, "no trial was exploited"
+    for donor_step, after in restarts:
+        # it went on from the donor's step (a step-0 restart would log 1, 2, ... again)
+        assert donor_step >= 2 and (not after or min(after) == donor_step + 1), restarts
+
+
+@pytest.mark.integration
+def test_interrupted_search_resumes_without_repeating_finished_trials(facades_small_dst, tmp_path):
+    """The search runs in its own process; Ctrl-C (SIGINT) once the first trial has finished, then
+    --resume: the finished trial is not run again, the others complete."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "TRANSMUTE_HOME": str(tmp_path / "home"), "RAY_USAGE_STATS_ENABLED": "0"}
+    args = common(facades_small_dst, uri, "resumable", steps=6, every=3) + [
+        "--space",
+        "optim.lr=grid:1e-4,2e-4,3e-4",
+        "--num-samples",
+        "1",
+        "--max-concurrent",
+        "1",
+        "--scheduler",
+        "fifo",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "jobs/tune.py", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        finished = wait_for_finished_trials(uri, "resumable", 1, proc)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = subprocess.run(
+        [sys.executable, "jobs/tune.py", *args, "--resume"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, parent, children = parent_and_children(uri, "resumable")
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    for run_id in finished:  # a finished trial was not trained again
+        steps = [m.step for m in client.get_metric_history(run_id, "loss/G/total")]
+        assert len(steps) == len(set(steps)), steps
+
+
+def wait_for_finished_trials(uri, name, count, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            _, _, children = parent_and_children(uri, name)
+            done = [c.info.run_id for c in children if c.info.status == "FINISHED"]
+            if len(done) >= count:
+                return done
+        except Exception:  # the store or the parent run may not exist yet
+            pass
+        time.sleep(1)
+    raise AssertionError(f"no {count} finished trial(s) of {name} in {timeout}s")
+
+
+# ----------------------------------------------------------------------------- ray job submit
+
+
+@pytest.mark.integration
+def test_ray_job_submit_of_tune_dualgan(facades_small_dst, tmp_path):
+    """`ray start --head` on 127.0.0.1 with its own temp dir, `ray job submit --working-dir .`,
+    then only that head is stopped (never `ray stop`, which stops every Ray on the machine)."""
+    head = RayHead(tmp_path).start()
+    try:
+        home = tmp_path / "home"
+        uri = f"sqlite:///{tmp_path}/mlflow.db"
+        runtime_env = {"env_vars": {"TRANSMUTE_HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true"}}
+        cmd = [
+            head.bin("ray"),
+            "job",
+            "submit",
+            "--address",
+            head.dashboard,
+            "--working-dir",
+            ".",
+            "--runtime-env-json",
+            json.dumps(runtime_env),
+            "--",
+            "python",
+            "jobs/tune_dualgan.py",
+            *common(facades_small_dst, uri, "submitted", steps=4, every=2)[2:],
+            "--num-samples",
+            "2",
+        ]
+        out = head.submit(cmd)
+        assert out.returncode == 0 and "succeeded" in out.stdout + out.stderr, (out.stdout + out.stderr)[
+            -3000:
+        ]
+        _, parent, children = parent_and_children(uri, "submitted")
+        assert len(children) == 2 and parent.info.status == "FINISHED"
+        assert (home / "tune" / "submitted" / "best_config.json").exists()
+    finally:
+        head.stop()
+    assert head.leftovers() == []
+
+
+class RayHead:
+    def __init__(self, tmp_path):
+        self.temp_dir = f"/tmp/rayt-{os.getpid()}-{int(time.time()) % 100000}"  # short: socket paths
+        self.gcs_port, self.dash_port = free_port(), free_port()
+        self.dashboard = f"http://127.0.0.1:{self.dash_port}"
+        self.log = tmp_path / "ray-head.log"
+        self.proc = None
+
+    def bin(self, name):
+        return os.path.join(os.path.dirname(sys.executable), name)
+
+    def client_env(self):
+        path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+        return {**os.environ, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def start(self):
+        cmd = [
+            self.bin("ray"),
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(self.gcs_port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(self.dash_port),
+            "--temp-dir",
+            self.temp_dir,
+            "--num-cpus",
+            "4",
+            "--include-dashboard",
+            "true",
+            "--disable-usage-stats",
+            # the agent's default port (52365) may be held by another Ray on this machine
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--block",
+        ]
+        with open(self.log, "w") as log:  # the head from the venv: jobs run its python
+            self.proc = subprocess.Popen(
+                cmd, env=self.client_env(), stdout=log, stderr=log, start_new_session=True
+            )
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2)
+                return self
+            except urllib.error.HTTPError:  # 401 without a token: the dashboard is up
+                return self
+            except OSError:
+                time.sleep(1)
+        raise AssertionError(f"ray head did not start: {self.log.read_text()[-2000:]}")
+
+    def submit(self, cmd, tries=10):
+        """The dashboard answers before its job agent is up: retry while it says so."""
+        for _ in range(tries):
+            out = subprocess.run(
+                cmd, cwd=REPO, env=self.client_env(), capture_output=True, text=True, timeout=600
+            )
+            if "No available agent" not in out.stdout + out.stderr:
+                return out
+            time.sleep(3)
+        return out
+
+    def stop(self):
+        import psutil
+
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)  # Ray drains for up to 30 s; the test needs no drain
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        deadline = time.time() + 30
+        while self.leftovers() and time.time() < deadline:
+            for p in self.leftovers():
+                try:
+                    psutil.Process(p).kill()
+                except psutil.Error:
+                    pass
+            time.sleep(1)
+
+    def leftovers(self):
+        import psutil
+
+        found = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if any(self.temp_dir in part for part in p.info["cmdline"] or []):
+                found.append(p.info["pid"])
+        return found
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
