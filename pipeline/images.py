@@ -69,6 +69,8 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
             raise Rejected(f"not an image: unknown format (first bytes {data[:8]!r})") from None
         except Image.DecompressionBombError as exc:
             raise Rejected(f"over the size limit: {exc}") from None
+        except (OSError, SyntaxError, ValueError) as exc:  # a header cut short ("Truncated File Read")
+            raise Rejected(f"cannot read the image header: {exc}") from None
         width, height = img.size
         if width * height > max_pixels:
             raise Rejected(f"{width}x{height} = {width * height} pixels is over the limit of {max_pixels}")

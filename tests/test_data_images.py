@@ -136,3 +136,12 @@ def test_to_float_range_and_layout():
     torch_out = data.to_float({"a": torch.from_numpy(batch), "label_a": torch.tensor([3, 4])})
     assert torch.equal(torch_out["a"], torch.from_numpy(out)) and torch_out["a"].is_contiguous()
     assert torch_out["label_a"].tolist() == [3, 4]
+
+
+def test_header_cut_short_is_rejected_not_raised():
+    """Pillow raises OSError("Truncated File Read") from Image.open when the header itself is cut."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 32), (200, 10, 10)).save(buf, "PNG")
+    for cut in (12, 20, 30):
+        with pytest.raises(images.Rejected):
+            images.open_image(buf.getvalue()[:cut])
