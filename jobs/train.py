@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 from jobs.recipes import RECIPES, recipe  # noqa: E402
 from pipeline import storage  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
-from pipeline.run_config import RunConfig, flat_params, override, resolve_paths, to_json  # noqa: E402
+from pipeline.run_config import RunConfig, override, resolve_paths, to_json  # noqa: E402
 
 DATASETS = os.environ.get("TRANSMUTE_DATASETS", os.path.join(os.path.dirname(ROOT), "shared", "datasets"))
 
@@ -145,7 +145,7 @@ def previous_run(cfg: RunConfig, name: str) -> dict:
 def start_tracking(cfg: RunConfig, manifest: dict) -> RunConfig:
     import dataclasses
 
-    from pipeline.tracking import create_run, resolve_tracking_uri
+    from pipeline.tracking import create_config_run, resolve_tracking_uri
 
     uri = resolve_tracking_uri(cfg.tracking.uri or None, cfg.home)
     tracking = dataclasses.replace(cfg.tracking, uri=uri)
@@ -161,15 +161,7 @@ def start_tracking(cfg: RunConfig, manifest: dict) -> RunConfig:
         "git.commit": git_commit(),
         "storage.path": storage.join(cfg.storage.path, cfg.tracking.run_name),
     }
-    run_id = create_run(
-        uri,
-        cfg.tracking.experiment,
-        cfg.tracking.run_name,
-        params=flat_params(cfg),
-        tags=tags,
-        parent_run_id=cfg.tracking.parent_run_id or None,
-        home=cfg.home,
-    )
+    run_id = create_config_run(dataclasses.replace(cfg, tracking=tracking), tags)
     return dataclasses.replace(cfg, tracking=dataclasses.replace(tracking, run_id=run_id))
 
 

@@ -269,6 +269,14 @@ class PlainSession:
             prune_local(self.root, self.cfg.checkpoint.keep)
 
 
+def load_reported(checkpoint, load):
+    """Run `load(directory)` on a checkpoint that Ray Train or Tune hands back (None: nothing to load)."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return load(directory)
+
+
 class RaySession:
     """Inside a Ray Train worker: ranks from the train context, checkpoints through ray.train.report
     (Ray merges every rank's files into one checkpoint directory in the run's storage)."""
@@ -285,11 +293,7 @@ class RaySession:
     def restore(self, load):
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as directory:
-            return load(directory)
+        return load_reported(ray.train.get_checkpoint(), load)
 
     def checkpoint_dir(self, step: int) -> str:
         from pipeline.checkpoint import staging_dir

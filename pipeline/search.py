@@ -136,11 +136,9 @@ class TuneSession:
     def restore(self, load):
         from ray import tune
 
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as directory:
-            return load(directory)
+        from pipeline.loop import load_reported
+
+        return load_reported(tune.get_checkpoint(), load)
 
     def checkpoint_dir(self, step: int) -> str:
         from pipeline.checkpoint import staging_dir
@@ -173,23 +171,14 @@ def trial_run_id(cfg: RunConfig, trial_id: str, search_name: str) -> str:
     """This trial's MLflow run: found by its trial id (after a restart, a PBT exploit or --resume)
     or created under the search's parent run. A PBT exploit copies the donor's checkpoint, but never
     its run: each trial logs to its own run."""
-    from pipeline.run_config import flat_params
-    from pipeline.tracking import create_run, find_run
+    from pipeline.tracking import create_config_run, find_run
 
     tags = {"tune.trial_id": trial_id, "tune.search": search_name}
     found = find_run(cfg.tracking.uri, cfg.tracking.experiment, tags)
     if found:
         return found
     tags.update({"model": cfg.model_name, "recipe": cfg.recipe, "dataset": cfg.data.dataset})
-    return create_run(
-        cfg.tracking.uri,
-        cfg.tracking.experiment,
-        cfg.tracking.run_name,
-        params=flat_params(cfg),
-        tags=tags,
-        parent_run_id=cfg.tracking.parent_run_id or None,
-        home=cfg.home,
-    )
+    return create_config_run(cfg, tags)
 
 
 def run_trial(params: dict, base_json: str, search_name: str) -> None:

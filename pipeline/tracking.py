@@ -122,6 +122,15 @@ def create_run(tracking_uri: str, experiment: str, run_name: str, *, params: dic
     return run_id
 
 
+def create_config_run(cfg, tags: dict) -> str:
+    """A run for a RunConfig: its tracking settings, every config key as a param."""
+    from pipeline.run_config import flat_params
+
+    t = cfg.tracking
+    return create_run(t.uri, t.experiment, t.run_name, params=flat_params(cfg), tags=tags,
+                      parent_run_id=t.parent_run_id or None, home=cfg.home)
+
+
 def find_run(tracking_uri: str, experiment: str, tags: dict) -> str | None:
     """The id of the run in `experiment` carrying all these tag values, if there is one."""
     client = MlflowClient(tracking_uri)
