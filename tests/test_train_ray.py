@@ -57,25 +57,40 @@ def _outputs(model_cfg, weights, x):
 
 
 def _kill_a_worker_after_first_checkpoint(cfg, killed: dict):
-    deadline = time.time() + 120
-    first = checkpoint_dir(cfg, 2 * cfg.checkpoint.every)  # the one before it is surely registered
-    while time.time() < deadline and not os.path.exists(os.path.join(first, "meta.json")):
+    """Kill once Ray's controller has registered a checkpoint (its snapshot names one): a file on
+    disk alone is not enough, since a restart resumes only from what the controller registered.
+    """
+    deadline = time.time() + 180
+    while time.time() < deadline and _registered_checkpoint(cfg) is None:
         time.sleep(0.05)
     workers = train_worker_pids()
-    if workers:
+    if workers and _registered_checkpoint(cfg) is not None:
         os.kill(workers[-1], signal.SIGKILL)
-        killed["pid"], killed["at"] = workers[-1], time.time()
+        killed["pid"], killed["at"], killed["after"] = workers[-1], time.time(), _registered_checkpoint(cfg)
+
+
+def _registered_checkpoint(cfg) -> str | None:
+    """The latest checkpoint in Ray Train's checkpoint-manager snapshot (written after it
+    registers a reported checkpoint), or None while there is none."""
+    path = os.path.join(cfg.storage.path, cfg.tracking.run_name, "checkpoint_manager_snapshot.json")
+    try:
+        with open(path) as f:
+            latest = json.load(f).get("latest_checkpoint_result")
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return None
+    return latest and latest.get("checkpoint_dir_name")
 
 
 def train_worker_pids() -> list[int]:
-    """Ray names each actor's process after its class (ray::RayTrainWorker...)."""
+    """Ray names each actor's process after its class (ray::RayTrainWorker...); oldest first."""
     import psutil
 
-    pids = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        if any("RayTrainWorker" in part for part in p.info["cmdline"] or []):
-            pids.append(p.info["pid"])
-    return sorted(pids)
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "create_time", "status"]):
+        named = any("RayTrainWorker" in part for part in p.info["cmdline"] or [])
+        if named and p.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append((p.info["create_time"], p.info["pid"]))
+    return [pid for _, pid in sorted(found)]
 
 
 def test_sigkilled_worker_is_replaced_and_the_run_resumes(tmp_path, facades_small_dst, ray_cluster):
@@ -86,14 +101,15 @@ def test_sigkilled_worker_is_replaced_and_the_run_resumes(tmp_path, facades_smal
     killer.start()
     result = ray_trainer(cfg).fit()
     killer.join(timeout=5)
-    assert killed, "no training worker was found to kill"
+    assert killed, "no training worker of this run was found to kill after a registered checkpoint"
     assert result.error is None
     with open(os.path.join(checkpoint_dir(cfg, 200), "meta.json")) as f:
         meta = json.load(f)
     assert meta["step"] == 200 and meta["world_size"] == 2
     assert result.metrics["step"] == 200
     resumed = result.metrics.get("progress/resumed_from_step")
-    assert resumed is not None and resumed >= 20, result.metrics
+    registered = int(killed["after"].rsplit("_", 1)[1])  # checkpoint_00000040 -> 40
+    assert resumed is not None and resumed >= registered >= 20, (killed, result.metrics)
 
 
 def test_data_and_checkpoints_on_s3(tmp_path, s3_env, facades_small_dst, ray_cluster):
