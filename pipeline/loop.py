@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import threading
 import time
 
 import torch
@@ -123,15 +124,51 @@ def epoch_batches(cfg, world: int, rank: int, epoch: int, skip_batches: int):
 
 
 def batch_stream(cfg, world: int, rank: int, progress: Progress):
-    """(epoch, index in epoch, batch) forever, from the saved data position on."""
+    """(epoch, index in epoch, batch) forever, from the saved data position on. With the Ray Data
+    reader the next epoch starts reading halfway through this one: a fresh Ray Data execution takes
+    seconds to yield its first batch, which would otherwise stall every epoch boundary."""
     per_epoch = batches_per_epoch(cfg, world)
-    epoch, skip = progress.epoch, progress.batch
+    epoch, skip, step = progress.epoch, progress.batch, progress.step
     if skip >= per_epoch:
         epoch, skip = epoch + 1, 0
+    current = epoch_batches(cfg, world, rank, epoch, skip)
     while True:
-        for index, batch in enumerate(epoch_batches(cfg, world, rank, epoch, skip), start=skip):
+        upcoming = None
+        for index, batch in enumerate(current, start=skip):
+            needs_next = step + per_epoch - index < cfg.train.steps  # steps left after this epoch
+            if upcoming is None and cfg.data.reader == "ray" and index >= per_epoch // 2 and needs_next:
+                upcoming = Prefetched(epoch_batches, cfg, world, rank, epoch + 1, 0)
+            step += 1
             yield epoch, index, batch
+        current = upcoming or epoch_batches(cfg, world, rank, epoch + 1, 0)
         epoch, skip = epoch + 1, 0
+
+
+class Prefetched:
+    """An iterator made, and its first item fetched, in a background thread: iterating waits only
+    for whatever of that is not done yet. The batches are the same as without it."""
+
+    _END = object()
+
+    def __init__(self, make, *args):
+        self._made: dict = {}
+        self._thread = threading.Thread(target=self._start, args=(make, args), daemon=True)
+        self._thread.start()
+
+    def _start(self, make, args) -> None:
+        try:
+            iterator = iter(make(*args))
+            self._made["first"], self._made["rest"] = next(iterator, self._END), iterator
+        except BaseException as error:  # raised again in the consumer's thread
+            self._made["error"] = error
+
+    def __iter__(self):
+        self._thread.join()
+        if "error" in self._made:
+            raise self._made["error"]
+        if self._made["first"] is not self._END:
+            yield self._made["first"]
+        yield from self._made["rest"]
 
 
 def prepare_batch(cfg, batch: dict, device, channels_last: bool) -> dict:
@@ -502,6 +539,8 @@ def run_training(cfg, session) -> dict:
     run_nets, optimizers = compiled(cfg, trainee.nets), wrap_optimizers(trainee.optimizers, session.world)
     stream, meter = batch_stream(cfg, session.world, session.rank, trainee.progress), Meter()
     channels_last = cfg.scaling.channels_last and session.device.type == "cuda"
+    if session.device.type == "cuda":  # every batch has the crop's shape: autotuned kernels pay off
+        torch.backends.cudnn.benchmark = True
     trainee.nets.train()
     while trainee.progress.step < cfg.train.steps:
         start = time.perf_counter()

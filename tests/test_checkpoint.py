@@ -97,3 +97,16 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, facades_small_dst, mod
         assert torch.equal(a[k], b[k]), k
     meta = ckpt.read_meta(checkpoint_dir(resumed, 14))
     assert meta["step"] == 14 and meta["epoch"] >= 1
+
+
+def test_prefetched_iterator_keeps_order_and_reraises_in_the_consumer():
+    from pipeline.loop import Prefetched
+
+    assert list(Prefetched(range, 5)) == [0, 1, 2, 3, 4]
+    assert list(Prefetched(iter, [])) == []
+
+    def broken():
+        raise OSError("shard 3 unreadable")
+
+    with pytest.raises(OSError, match="shard 3"):
+        list(Prefetched(broken))

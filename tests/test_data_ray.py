@@ -88,3 +88,24 @@ def test_ray_train_workers_read_their_own_deterministic_shard(ray_cluster, facad
         )["a"][:8]  # 11 rows per rank, drop_last with batch 4
         assert got.shape == (8, 3, 32, 32)
         assert np.array_equal(got, want.numpy())
+
+
+def test_training_stream_prefetches_the_next_epoch_without_changing_a_batch(ray_cluster, facades_small_dst,
+                                                                             tmp_path):
+    """The loop's stream over three epochs (22 samples, batch 4: 5 per epoch; the next Ray epoch is
+    read ahead from mid-epoch) gives the local reader's batches in the same order."""
+    from runs import tiny_run
+
+    from pipeline.loop import Progress, batch_stream
+
+    def stream(reader, start):
+        cfg = tiny_run(tmp_path, facades_small_dst, steps=13, batch_size=4, reader=reader)
+        got = batch_stream(cfg, 1, 0, start)
+        return [next(got) for _ in range(13 - start.step)]
+
+    for start in (Progress(), Progress(step=3, epoch=0, batch=3)):  # fresh, and resumed mid-epoch
+        ray_batches, local_batches = stream("ray", start), stream("local", start)
+        assert [(e, i) for e, i, _ in ray_batches] == [(e, i) for e, i, _ in local_batches]
+        assert ray_batches[-1][:2] == (2, 2)
+        for (_, _, got), (_, _, want) in zip(ray_batches, local_batches, strict=True):
+            assert torch.equal(got["a"], want["a"]) and torch.equal(got["b"], want["b"])
