@@ -35,9 +35,13 @@ the rounds, ratios), then a table.
           beside it; they are not in images/s.
 - `ray1_local` (only with --only): Ray Train with the in-process reader, to tell Ray Train's share
           of the overhead from Ray Data's.
-step_ms_median is the median single step (CPU and the loop): steadier than the mean when other
-processes take the cores. The loop applies bf16 and channels-last only on CUDA (as in training);
-on CPU only the bare steps use them. --skip-ray leaves out the Ray modes; ray is imported lazily.
+Beside the mean step (step_ms, the reference's measure), ours and the loop report their median
+and fastest single step (step_ms_median, step_ms_min; CPU only for ours) and the process's CPU
+seconds per step (cpu_ms_per_step: with --threads 1 it does not move when other processes take
+the cores, as wall times do on a shared box; with more threads it counts OpenMP spinning too).
+The loop applies bf16 and channels-last only on CUDA (as in training); on CPU only the bare steps
+use them. --skip-ray leaves out the Ray modes (ray is imported lazily); plain is reported as
+skipped where the facades folder or the data stack (pyarrow, Pillow) is missing.
 """
 
 import argparse
