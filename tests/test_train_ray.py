@@ -113,17 +113,20 @@ def test_sigkilled_worker_is_replaced_and_the_run_resumes(tmp_path, facades_smal
 
 
 def test_data_and_checkpoints_on_s3(tmp_path, s3_env, facades_small_dst, ray_cluster):
-    """A real S3 server (SeaweedFS) holds both the dataset and the run's checkpoints."""
+    """A real S3 server (SeaweedFS) holds both the dataset and the run's checkpoints; 14 steps of
+    11 per epoch, so the worker reads the second epoch ahead from S3 while training the first."""
     from fixtures_data import FACADES_SMALL
 
     from pipeline import data, storage
 
     bucket = s3_env.make_bucket("train-on-s3")
     data.ingest(str(FACADES_SMALL), f"{bucket}/facades", shard_rows=8, progress=False)
-    cfg = tiny_run(tmp_path, f"{bucket}/facades", "cyclegan", name="s3run", steps=4, every=2, reader="ray")
+    cfg = tiny_run(tmp_path, f"{bucket}/facades", "cyclegan", name="s3run", steps=14, every=7, reader="ray")
     cfg = override(cfg, {"storage.path": f"{bucket}/runs", "scaling.cpus_per_worker": 0.5})
     result = ray_trainer(cfg).fit()
-    assert result.error is None and result.metrics["step"] == 4
-    files = storage.list_files(f"{bucket}/runs/s3run/checkpoint_00000004")
+    assert result.error is None and result.metrics["step"] == 14
+    files = storage.list_files(f"{bucket}/runs/s3run/checkpoint_00000014")
     assert {"nets.safetensors", "train.pt", "rank0.pt", "meta.json", "config.json"} <= set(files)
-    assert result.checkpoint is not None and result.checkpoint.path.endswith("checkpoint_00000004")
+    assert result.checkpoint is not None and result.checkpoint.path.endswith("checkpoint_00000014")
+    meta = json.loads(storage.read_bytes(f"{bucket}/runs/s3run/checkpoint_00000014/meta.json"))
+    assert (meta["epoch"], meta["batch"]) == (1, 3)
