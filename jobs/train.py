@@ -12,7 +12,6 @@ in the same MLflow run.
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -127,19 +126,15 @@ def git_commit() -> str:
 
 
 def previous_run(cfg: RunConfig, name: str) -> dict:
-    """run_id and config of an earlier run, from its newest checkpoint's meta.json."""
-    from pipeline.checkpoint import META, latest_local
+    """run_id and config of an earlier run, from its newest checkpoint's meta.json (local or s3://;
+    Ray Train then restores the same run folder from its own record of that checkpoint)."""
+    from pipeline.checkpoint import latest_meta
 
     folder = storage.join(cfg.storage.path, name)
-    if storage.is_s3(folder):
-        raise SystemExit(
-            "error: --resume of a run stored on s3:// is not supported yet; resume from local storage"
-        )
-    latest = latest_local(folder)
-    if latest is None:
+    meta = latest_meta(folder, cfg.data.s3_endpoint or None)
+    if meta is None:
         raise SystemExit(f"error: --resume {name}: no complete checkpoint under {folder}")
-    with open(os.path.join(latest, META)) as f:
-        return json.load(f)
+    return meta
 
 
 def start_tracking(cfg: RunConfig, manifest: dict) -> RunConfig:

@@ -186,6 +186,16 @@ def latest_local(root: str) -> str | None:
     return os.path.join(root, done[-1]) if done else None
 
 
+def latest_meta(root: str, endpoint: str | None = None) -> dict | None:
+    """meta.json of the newest complete checkpoint under a run folder, local or s3:// (where Ray
+    Train writes the run's checkpoints); None when there is none."""
+    from pipeline import storage
+
+    done = sorted(p for p in storage.list_files(root, endpoint)
+                  if p.startswith("checkpoint_") and p.endswith("/" + META) and p.count("/") == 1)
+    return json.loads(storage.read_bytes(storage.join(root, done[-1]), endpoint)) if done else None
+
+
 def prune_local(root: str, keep: int) -> None:
     done = sorted(d for d in os.listdir(root) if d.startswith("checkpoint_"))
     for name in done[:-keep] if keep > 0 else []:
