@@ -126,7 +126,7 @@ def git_commit() -> str:
 
 
 def previous_run(cfg: RunConfig, name: str) -> dict:
-    """run_id and config of an earlier run, from its newest checkpoint's meta.json (local or s3://;
+    """run_id and progress of an earlier run, from its newest checkpoint's meta.json (local or s3://;
     Ray Train then restores the same run folder from its own record of that checkpoint)."""
     from pipeline.checkpoint import latest_meta
 
