@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+STARTED = time.time()  # a --minutes budget counts from here, start-up included
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -45,6 +47,9 @@ def parse_args(argv=None):
         metavar="KEY=VALUE",
         help="dotted config overrides, e.g. optim.lr=1e-4 model.norm=batch_renorm",
     )
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-time budget from this command's start to its end: the run picks its number of "
+                        "steps to fit (train.max_minutes)")
     p.add_argument("--resume", metavar="RUN_NAME", help="continue this run from its latest checkpoint")
     p.add_argument(
         "--no-ray",
@@ -53,6 +58,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--metrics-json", metavar="FILE", help="also write the final metrics to FILE (JSON)")
     args = p.parse_args(argv)
     if bool(args.recipe) == bool(args.config):
         p.error("give exactly one of --recipe NAME or --config FILE")
@@ -63,6 +69,10 @@ def build_config(args) -> RunConfig:
     cfg = override(load_config_file(args.config) if args.config else recipe(args.recipe), args.set)
     if args.no_ray:
         cfg = override(cfg, {"data.reader": "local"})
+    if args.minutes is not None:
+        cfg = override(cfg, {"train.max_minutes": args.minutes})
+    if cfg.train.max_minutes:  # this command's start, never one carried in a --config file
+        cfg = override(cfg, {"train.started_at": STARTED})
     return resolve_paths(cfg)
 
 
@@ -219,15 +229,28 @@ def main(argv=None) -> int:
     cfg = start_tracking(name_run(cfg, args.resume), manifest)
     print(f"run {cfg.tracking.run_name}  (MLflow run {cfg.tracking.run_id} at {cfg.tracking.uri})")
     try:
-        train(cfg, args.no_ray, args.address)
+        metrics = train(cfg, args.no_ray, args.address)
     except BaseException:
         mark_failed(cfg)
         raise
+    if args.metrics_json:
+        write_json(args.metrics_json, {"run_name": cfg.tracking.run_name, "run_id": cfg.tracking.run_id,
+                                       "wall_s": time.time() - STARTED, "metrics": metrics})
     print(
         f"done: checkpoints in {storage.join(cfg.storage.path, cfg.tracking.run_name)}\n"
         f"compare runs: mlflow ui --backend-store-uri {cfg.tracking.uri}"
     )
     return 0
+
+
+def write_json(path: str, obj: dict) -> None:
+    """Whole or not at all: a temp name beside the file, then a rename."""
+    import json
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=float)
+    os.replace(tmp, path)
 
 
 def mark_failed(cfg: RunConfig) -> None:

@@ -69,6 +69,7 @@ class Progress:
     step: int = 0
     epoch: int = 0
     batch: int = 0
+    steps: int = 0  # the run's total steps once a time budget fixed them (0: train.steps decides)
 
 
 def effective_model_config(cfg):
@@ -87,9 +88,12 @@ def lr_factor(step: int, steps: int, decay_from: float) -> float:
 
 
 def make_schedulers(cfg, optimizers: dict) -> dict:
+    return {name: torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg)) for name, opt in optimizers.items()}
+
+
+def schedule(cfg):
     steps, decay_from = cfg.train.steps, cfg.optim.decay_from
-    return {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, decay_from))
-            for name, opt in optimizers.items()}
+    return lambda s: lr_factor(s, steps, decay_from)
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -526,6 +530,8 @@ def run_training(cfg, session) -> dict:
     spec, model_cfg = MODELS[cfg.model_name], effective_model_config(cfg)
     check_channels(cfg, model_cfg)
     trainee = build_trainee(cfg, spec, model_cfg, session)
+    if trainee.progress.steps:  # a budget run restored after its steps were fixed: keep them
+        cfg = fix_steps(cfg, model_cfg, trainee, trainee.progress.steps)
     tracker = open_tracker(cfg, session.rank)
     if trainee.resumed_from is not None:  # a worker restart or --resume: same MLflow run, noted
         tracker.log_metrics({"progress/resumed_from_step": trainee.resumed_from}, trainee.resumed_from)
@@ -536,6 +542,7 @@ def run_training(cfg, session) -> dict:
         tracker.log_metrics(evaluator.baselines(), 0)
         if evaluator.notes:
             tracker.log_text("\n".join(evaluator.notes), "evaluation_notes.txt")
+    budget = start_budget(cfg, spec, session, trainee, evaluator, tracker)
     run_nets, optimizers = compiled(cfg, trainee.nets), wrap_optimizers(trainee.optimizers, session.world)
     stream, meter = batch_stream(cfg, session.world, session.rank, trainee.progress), Meter()
     channels_last = cfg.scaling.channels_last and session.device.type == "cuda"
@@ -555,20 +562,61 @@ def run_training(cfg, session) -> dict:
             average_buffers(trainee.nets, session.world)
         for scheduler in trainee.schedulers.values():
             scheduler.step()
-        trainee.progress = Progress(trainee.progress.step + 1, epoch, index + 1)
+        trainee.progress = dataclasses.replace(trainee.progress, step=trainee.progress.step + 1,
+                                               epoch=epoch, batch=index + 1)
         meter.add(losses, batch["a" if "a" in batch else "b"].shape[0] * session.world, waited,
                   time.perf_counter() - start)
-        after_step(cfg, session, trainee, tracker, evaluator, meter)
+        fixed = budget.decide(trainee.progress.step) if budget and not trainee.progress.steps else 0
+        if fixed:
+            cfg = fix_steps(cfg, model_cfg, trainee, fixed)
+            report_budget(cfg, session, tracker, fixed)
+        after_step(cfg, session, trainee, tracker, evaluator, meter, force_checkpoint=bool(fixed))
     return finish(cfg, spec, model_cfg, session, trainee, tracker, evaluator)
 
 
-def after_step(cfg, session, trainee: Trainee, tracker, evaluator, meter: Meter) -> None:
+def start_budget(cfg, spec, session, trainee: Trainee, evaluator, tracker):
+    """A Budget when train.max_minutes asks for one and no checkpoint fixed the steps yet. Rank 0
+    times an evaluation first (the untrained nets' scores, logged): the budget reserves that time
+    for each evaluation still to come."""
+    from pipeline.budget import Budget
+
+    if not cfg.train.max_minutes or trainee.progress.steps:
+        return None
+    generators = len(spec.directions) if cfg.tracking.log_models else 0
+    budget = Budget(cfg, session.rank, session.world, generators, session.device)
+    if evaluator is not None:
+        metrics = budget.time_evaluation(lambda: evaluate(cfg, evaluator, trainee.nets, session.device, "eval/"))
+        tracker.log_metrics(metrics, trainee.progress.step)
+    return budget
+
+
+def fix_steps(cfg, model_cfg, trainee: Trainee, steps: int):
+    """The run's config with `steps` total; the LR schedule is re-read from it (its decay has not
+    begun: the budget decides within the first percent of the run)."""
+    from pipeline.budget import with_steps
+
+    cfg = with_steps(cfg, steps)
+    trainee.progress = dataclasses.replace(trainee.progress, steps=steps)
+    for scheduler in trainee.schedulers.values():
+        scheduler.lr_lambdas = [schedule(cfg)] * len(scheduler.lr_lambdas)
+    apply_learning_rate(cfg, model_cfg, trainee)
+    return cfg
+
+
+def report_budget(cfg, session, tracker, steps: int) -> None:
+    tracker.log_params({"train.budget_steps": steps})
+    if session.rank == 0:
+        print(f"budget {cfg.train.max_minutes:g} min: training for {steps} steps", flush=True)
+
+
+def after_step(cfg, session, trainee: Trainee, tracker, evaluator, meter: Meter,
+               force_checkpoint: bool = False) -> None:
     step, last = trainee.progress.step, trainee.progress.step == cfg.train.steps
     if step % cfg.train.log_every == 0 or last:
         lrs = {f"lr/{k}": o.param_groups[0]["lr"] for k, o in trainee.optimizers.items()}
         tracker.log_metrics({**meter.flush(), **lrs, "progress/epoch": trainee.progress.epoch}, step)
     evaluate_now = (bool(cfg.eval.every) and step % cfg.eval.every == 0) or last
-    checkpoint_now = (bool(cfg.checkpoint.every) and step % cfg.checkpoint.every == 0) or last
+    checkpoint_now = (bool(cfg.checkpoint.every) and step % cfg.checkpoint.every == 0) or last or force_checkpoint
     if not (evaluate_now or checkpoint_now):
         return
     metrics = {"step": step}

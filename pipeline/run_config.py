@@ -43,6 +43,8 @@ class TrainSettings:
     batch_size: int = 1  # PER WORKER: the global batch is batch_size × scaling.num_workers
     seed: int = 0
     log_every: int = 10  # average step losses over this many steps, then log them
+    max_minutes: float = 0.0  # > 0: fit the whole run in this wall time; `steps` is then chosen (budget.py)
+    started_at: float = 0.0  # epoch seconds the budget counts from (the driver's start); 0 = the loop's
 
 
 @dataclass
@@ -150,6 +152,7 @@ def _pair(text):
 def validate(cfg: RunConfig) -> None:
     checks = [
         (cfg.train.steps >= 1, f"train.steps must be >= 1, got {cfg.train.steps}"),
+        (cfg.train.max_minutes >= 0, f"train.max_minutes must be >= 0, got {cfg.train.max_minutes}"),
         (cfg.train.batch_size >= 1, f"train.batch_size must be >= 1, got {cfg.train.batch_size}"),
         (cfg.scaling.num_workers >= 1, f"scaling.num_workers must be >= 1, got {cfg.scaling.num_workers}"),
         (0.0 <= cfg.optim.decay_from <= 1.0, f"optim.decay_from must be in [0, 1]: {cfg.optim.decay_from}"),

@@ -1,0 +1,96 @@
+"""Training for a wall-time budget (`train.max_minutes`, `jobs/train.py --minutes`).
+
+A budget run starts with the recipe's `train.steps` as a placeholder. Rank 0 times one
+evaluation before the first step, then the steps after a short warm-up, and at one step fixes
+`train.steps` so that the run, counted from the command's start (`train.started_at`), ends within
+the budget after its periodic evaluations, its final validation and test evaluations, registration
+and shutdown. Every rank takes that number from rank 0 (a broadcast each step until it is fixed, so
+ranks never disagree), the learning-rate schedule and Batch Renorm's warm-up are re-read from it,
+and a checkpoint is written at once: from there the run is step-driven, and a resumed or restarted
+run continues with the same `train.steps` (kept in the checkpoint's progress) and ends with the same
+weights as an uninterrupted one.
+"""
+
+import dataclasses
+import math
+import time
+
+import torch
+
+WARMUP_STEPS = 3  # the first steps allocate buffers and start readers: not timed
+MIN_TIMED_STEPS = 5
+# Seconds for what follows the last step beside the evaluations, measured on the 2-core machine:
+# MLflow model logging and registration of each generator (~4 s each), the last report and Ray
+# Train's shutdown (~6 s), the driver's exit; rounded up.
+FIXED_END_S = 20.0
+END_S_PER_GENERATOR = 5.0
+
+
+def timing_window(budget_s: float) -> float:
+    """How long to time steps before deciding: long enough to average out the reader's jitter,
+    short next to the budget."""
+    return min(60.0, max(8.0, 0.03 * budget_s))
+
+
+def affordable_steps(*, budget_s: float, elapsed_s: float, step: int, step_s: float, eval_s: float,
+                     eval_every: int, generators: int) -> int:
+    """The total number of steps that fits: the steps done, plus as many more as the time left
+    pays for after the final validation and test evaluations and the end of the run, each step
+    also carrying its share of the periodic evaluations. Never fewer than step + 1."""
+    end_s = 2 * eval_s + FIXED_END_S + END_S_PER_GENERATOR * generators
+    per_step = step_s + (eval_s / eval_every if eval_every else 0.0)
+    left = budget_s - elapsed_s - end_s
+    return step + max(1, math.floor(left / per_step)) if left > 0 else step + 1
+
+
+class Budget:
+    """Rank 0's clock for one run; `decide(step)` on every rank returns the fixed total once known."""
+
+    def __init__(self, cfg, rank: int, world: int, generators: int, device=None):
+        self.cfg, self.rank, self.world, self.generators = cfg, rank, world, generators
+        self.device = device or torch.device("cpu")
+        self.origin = cfg.train.started_at or time.time()
+        self.budget_s = cfg.train.max_minutes * 60.0
+        self.eval_s = 0.0
+        self.timed_from = None  # (step, perf_counter) where timing began
+        self.steps = 0
+
+    def time_evaluation(self, evaluate) -> dict:
+        """Run `evaluate()` (rank 0's first evaluation) and keep how long it took."""
+        start = time.perf_counter()
+        metrics = evaluate()
+        self.eval_s = time.perf_counter() - start
+        return metrics
+
+    def decide(self, step: int) -> int:
+        """After `step` steps: 0 while still timing, then the total steps (the same on every rank)."""
+        if self.steps:
+            return self.steps
+        proposal = self._propose(step) if self.rank == 0 else 0
+        if self.world > 1:
+            value = torch.tensor([proposal], dtype=torch.long, device=self.device)
+            torch.distributed.broadcast(value, 0)
+            proposal = int(value.item())
+        self.steps = proposal
+        return proposal
+
+    def _propose(self, step: int) -> int:
+        now = time.perf_counter()
+        if step < WARMUP_STEPS:
+            return 0
+        if self.timed_from is None:
+            self.timed_from = (step, now)
+            return 0
+        first, started = self.timed_from
+        timed = step - first
+        if timed < MIN_TIMED_STEPS or now - started < timing_window(self.budget_s):
+            return 0
+        return affordable_steps(
+            budget_s=self.budget_s, elapsed_s=time.time() - self.origin, step=step,
+            step_s=(now - started) / timed, eval_s=self.eval_s, eval_every=self.cfg.eval.every,
+            generators=self.generators,
+        )
+
+
+def with_steps(cfg, steps: int):
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
