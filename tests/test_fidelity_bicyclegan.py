@@ -20,8 +20,12 @@ def test_two_scale_d_is_basic_256_multi():
     assert cfg.num_Ds == 2
     disc = bicyclegan.discriminator(cfg)
     assert n_params(disc) == 3_458_978  # the reference's D_NLayersMulti(3, 64, 3, num_D=2)
+    x = torch.randn(1, 3, 256, 256)
     with torch.no_grad():
-        maps = disc(torch.randn(1, 3, 256, 256))
+        maps = disc(x)
+        # the second scale scores the input mean-pooled 3×3 / 2, borders averaged over the image only
+        pooled = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)(x)
+        assert torch.allclose(maps[1], disc.scales[1](pooled))
     assert [m.shape for m in maps] == [(1, 1, 30, 30), (1, 1, 14, 14)]
     assert n_params(bicyclegan.discriminator(bicyclegan.Config(num_Ds=1))) == 2_764_737  # one PatchGAN
 
