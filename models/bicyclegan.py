@@ -1,10 +1,19 @@
 """BicycleGAN (Zhu et al., NeurIPS 2017), seed 001 and junyanz/BicycleGAN.
 
-One generator G(A, z) → B, an encoder E(B) → (μ, log σ²), and two PatchGAN discriminators:
-`D` for the cVAE-GAN cycle (B → z → B̂) and `D2` for the cLR-GAN cycle (z → B̂ → ẑ). Each batch
-of aligned pairs is split in halves: the first half feeds cVAE-GAN, the second gives the real B
-images that D2 sees. Loss weights as the paper: L1 10, KL 0.01, latent regression 0.5; the
-latent regression updates G alone (E is held fixed for that term), as the reference code does.
+One generator G(A, z) → B, an encoder E(B) → (μ, log σ²), and two discriminators: `D` for the
+cVAE-GAN cycle (B → z → B̂) and `D2` for the cLR-GAN cycle (z → B̂ → ẑ). Each batch of aligned
+pairs is split in halves: the first half feeds cVAE-GAN, the second gives the real B images that
+D2 sees. Loss weights as the paper: L1 10, KL 0.01, latent regression 0.5; the latent regression
+updates G alone (E is held fixed for that term), as the reference code does.
+
+Defaults follow the reference's facades setting (options and scripts/train_facades.sh):
+- G is the U-Net with z concatenated at every encoder layer (`where_add='all'`);
+- D and D2 are two-scale PatchGANs (`basic_256_multi`, `num_Ds=2`; `num_Ds=1` is one PatchGAN);
+  each loss sums the per-scale GAN losses, and D's loss is real + fake without CycleGAN's ×0.5,
+  as the reference's GANLoss and backward_D;
+- all nets start from Xavier-normal weights with gain 0.02 (`init_type='xavier'`).
+The facades script also turns dropout on (`--use_dropout`); `use_dropout` stays off here and
+the recipe sets it. For 128² and smaller the reference uses `basic_128_multi`: n_layers_d=2.
 """
 
 from dataclasses import dataclass
@@ -13,8 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import PatchDiscriminator, ResnetEncoder, UnetGenerator, init_weights, set_requires_grad
-from models.losses import discriminator_loss, gan_loss, kl_to_standard_normal
+from models.layers import (
+    MultiscaleDiscriminator,
+    PatchDiscriminator,
+    ResnetEncoder,
+    UnetGenerator,
+    init_weights,
+    set_requires_grad,
+)
+from models.losses import gan_loss, kl_to_standard_normal
 
 
 @dataclass
@@ -22,13 +38,14 @@ class Config:
     channels_a: int = 3
     channels_b: int = 3
     nz: int = 8
-    z_all_layers: bool = False  # False: z at the input ('input'); True: at every encoder layer ('all')
+    z_all_layers: bool = True  # True: z at every encoder layer ('all'); False: at the input ('input')
     ngf: int = 64
     ndf: int = 64
     nef: int = 64
     num_downs: int = 8  # U-Net depth: 8 for 256², 7 for 128², 5 for 32²
     e_blocks: int = 4
     n_layers_d: int = 3
+    num_Ds: int = 2  # D and D2 score at this many scales (the reference's num_Ds); 1: one PatchGAN
     norm: str = "instance"
     use_dropout: bool = False
     gan_mode: str = "lsgan"
@@ -40,6 +57,7 @@ class Config:
     lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.999)
     init_gain: float = 0.02
+    init_type: str = "xavier"  # the reference's default for BicycleGAN ('normal' as pix2pix)
 
 
 def build_nets(cfg):
@@ -47,10 +65,27 @@ def build_nets(cfg):
         "G": UnetGenerator(cfg.channels_a, cfg.channels_b, cfg.num_downs, cfg.ngf, cfg.norm,
                            cfg.use_dropout, nz=cfg.nz, z_all_layers=cfg.z_all_layers),
         "E": ResnetEncoder(cfg.channels_b, cfg.nz, cfg.nef, cfg.e_blocks, cfg.norm),
-        "D": PatchDiscriminator(cfg.channels_b, cfg.ndf, cfg.n_layers_d, cfg.norm),
-        "D2": PatchDiscriminator(cfg.channels_b, cfg.ndf, cfg.n_layers_d, cfg.norm),
+        "D": discriminator(cfg),
+        "D2": discriminator(cfg),
     })
-    return init_weights(nets, cfg.init_gain)
+    return init_weights(nets, cfg.init_gain, cfg.init_type)
+
+
+def discriminator(cfg):
+    if cfg.num_Ds == 1:
+        return PatchDiscriminator(cfg.channels_b, cfg.ndf, cfg.n_layers_d, cfg.norm)
+    return MultiscaleDiscriminator(cfg.channels_b, cfg.ndf, cfg.n_layers_d, cfg.norm, cfg.num_Ds)
+
+
+def scales_loss(preds, target_is_real, mode):
+    """GAN loss summed over a multi-scale D's score maps (one map: its loss), as the reference."""
+    preds = preds if isinstance(preds, list) else [preds]
+    return sum(gan_loss(p, target_is_real, mode) for p in preds)
+
+
+def d_loss(disc, real, fake, mode):
+    """real + fake, each summed over scales; `fake` must be detached (the reference's backward_D)."""
+    return scales_loss(disc(real), True, mode) + scales_loss(disc(fake), False, mode)
 
 
 def make_optimizers(cfg, nets):
@@ -83,8 +118,8 @@ def generator_encoder_step(cfg, nets, optimizers, f):
     optimizers["G"].zero_grad(set_to_none=True)
     optimizers["E"].zero_grad(set_to_none=True)
     out = {
-        "loss/G/gan_vae": gan_loss(nets["D"](f["fake_encoded"]), True, cfg.gan_mode) * cfg.lambda_gan,
-        "loss/G/gan_lr": gan_loss(nets["D2"](f["fake_random"]), True, cfg.gan_mode) * cfg.lambda_gan2,
+        "loss/G/gan_vae": scales_loss(nets["D"](f["fake_encoded"]), True, cfg.gan_mode) * cfg.lambda_gan,
+        "loss/G/gan_lr": scales_loss(nets["D2"](f["fake_random"]), True, cfg.gan_mode) * cfg.lambda_gan2,
         "loss/G/l1": F.l1_loss(f["fake_encoded"].float(), f["b"].float()) * cfg.lambda_l1,
         "loss/E/kl": kl_to_standard_normal(f["mu"], f["logvar"]) * cfg.lambda_kl,
     }
@@ -108,8 +143,8 @@ def discriminator_step(cfg, nets, optimizers, f):
     optimizers["D"].zero_grad(set_to_none=True)
     optimizers["D2"].zero_grad(set_to_none=True)
     out = {
-        "loss/D/vae": discriminator_loss(nets["D"], f["b"], f["fake_encoded"].detach(), cfg.gan_mode),
-        "loss/D/lr": discriminator_loss(nets["D2"], f["b_random"], f["fake_random"].detach(), cfg.gan_mode),
+        "loss/D/vae": d_loss(nets["D"], f["b"], f["fake_encoded"].detach(), cfg.gan_mode),
+        "loss/D/lr": d_loss(nets["D2"], f["b_random"], f["fake_random"].detach(), cfg.gan_mode),
     }
     (out["loss/D/vae"] + out["loss/D/lr"]).backward()
     optimizers["D"].step()

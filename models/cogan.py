@@ -10,6 +10,7 @@ Each coupled pair is one module (`G`, `D`) so that the shared layers are one set
 Batches hold unpaired real samples of the two domains; the coupling alone makes G(z) a pair.
 
 Option `g_updates_per_d=2` updates G twice per D update as the seed does; the paper updates once.
+Adam with weight decay 0.0005 on every parameter of G and D, as the reference code.
 """
 
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ class Config:
     g_updates_per_d: int = 1
     lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.999)
+    weight_decay: float = 0.0005  # Adam's L2 term, as mingyuliutw/CoGAN's trainers and solvers
     init_gain: float = 0.02
 
 
@@ -119,7 +121,9 @@ def build_nets(cfg):
 
 def make_optimizers(cfg, nets):
     return {
-        name: torch.optim.Adam(nets[name].parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+        name: torch.optim.Adam(
+            nets[name].parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+        )
         for name in ("G", "D")
     }
 

@@ -1,4 +1,5 @@
-"""Building blocks shared by the GANs: ResNet generator, U-Net, PatchGAN, ResNet encoder, init.
+"""Building blocks shared by the GANs: ResNet generator, U-Net, PatchGAN (single and multi-scale),
+ResNet encoder, init.
 
 Architectures follow pytorch-CycleGAN-and-pix2pix (CycleGAN/pix2pix) and BicycleGAN's reference
 code; the paper's names are kept in the docstrings where they differ from ours.
@@ -9,12 +10,21 @@ from torch import nn
 
 from models.norms import BatchRenorm2d, conv_bias, norm_layer
 
+INIT_TYPES = ("normal", "xavier")
 
-def init_weights(net, gain=0.02):
-    """N(0, gain) for conv/linear weights, N(1, gain) for norm scales, zero biases (the papers' init)."""
+
+def init_weights(net, gain=0.02, init_type="normal"):
+    """Conv/linear weights N(0, gain) ('normal', pix2pix/CycleGAN) or Xavier-normal with gain `gain`
+    ('xavier', BicycleGAN's default); zero biases; batch-norm scales N(1, gain), shifts 0 whatever
+    the init_type, as the reference init_weights does."""
+    if init_type not in INIT_TYPES:
+        raise ValueError(f"unknown init_type {init_type!r}; choose one of {', '.join(INIT_TYPES)}")
     for m in net.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            nn.init.normal_(m.weight, 0.0, gain)
+            if init_type == "xavier":
+                nn.init.xavier_normal_(m.weight, gain=gain)
+            else:
+                nn.init.normal_(m.weight, 0.0, gain)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d, BatchRenorm2d)) and m.weight is not None:
@@ -86,9 +96,12 @@ class UnetGenerator(nn.Module):
     transposed convs up, skip connections between mirrored layers, tanh output.
 
     Optional latent z (BicycleGAN): `nz > 0` tiles z over the image and concatenates it to the
-    input (`z_all_layers=False`, BicycleGAN's 'input') or to the input of every encoder layer
-    (`z_all_layers=True`, BicycleGAN's 'all'). Dropout 0.5 in the inner 8ngf decoder layers as
-    pix2pix when `use_dropout`.
+    input (`z_all_layers=False`, BicycleGAN's 'input') or to the input of every encoder layer,
+    the innermost included (`z_all_layers=True`, BicycleGAN's 'all', G_Unet_add_all: z joins
+    before each layer's LeakyReLU as there, and the skips carry the features without z). Dropout
+    0.5 in the inner 8ngf decoder layers as pix2pix when `use_dropout`. Layer for layer this is
+    the reference's U-Net for num_downs >= 6; the reference builds no shallower 'all' U-Net, and
+    it gives every conv a bias where ours drops it before batch norm (same under instance norm).
     """
 
     def __init__(
@@ -173,6 +186,35 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+class MultiscaleDiscriminator(nn.Module):
+    """BicycleGAN's `basic_256_multi` (D_NLayersMulti): num_d PatchGANs of n_layers, scale i with
+    round(ndf / 2**i) filters on the input average-pooled i times (3×3, stride 2, padding 1, padding
+    not counted). Returns the list of score maps, finest first: 30×30 and 14×14 at 256² for
+    n_layers=3. (The reference gives every conv a bias; ours drops it before batch norm, as
+    PatchDiscriminator does; with BicycleGAN's instance norm the two are the same.)"""
+
+    def __init__(self, in_channels=3, ndf=64, n_layers=3, norm="instance", num_d=2):
+        super().__init__()
+        self.n_layers = n_layers
+        self.scales = nn.ModuleList(
+            PatchDiscriminator(in_channels, int(round(ndf / 2**i)), n_layers, norm) for i in range(num_d)
+        )
+        self.down = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
+
+    def forward(self, x):
+        preds = []
+        for i, disc in enumerate(self.scales):
+            if i:
+                x = self.down(x)
+            if min(x.shape[2:]) < 3 * 2**self.n_layers:  # the two stride-1 4×4 convs need 3 px left
+                raise ValueError(
+                    f"scale {i} of the multi-scale D sees {x.shape[2]}×{x.shape[3]} px, too small for "
+                    f"n_layers={self.n_layers} (needs {3 * 2**self.n_layers}): lower n_layers_d or num_Ds"
+                )
+            preds.append(disc(x))
+        return preds
 
 
 class EncoderBlock(nn.Module):

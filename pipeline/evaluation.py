@@ -11,7 +11,9 @@ palettes, digit classifiers, baselines) and the choice of metrics for a model an
 
 - aligned pairs (facades, weizmann_horse): `eval/{l1,psnr,ssim}_<dir>` against the ground truth,
   and for the direction that outputs the label domain `eval/{pixel_acc,class_acc,class_iou}_<dir>`
-  (the photo→labels score of the CycleGAN paper, with a palette derived from the training labels);
+  (the photo→labels score of the CycleGAN paper, with a palette derived from the training labels;
+  class means over present classes) and `eval/{class_acc_all,class_iou_all}_<dir>` (means over all
+  classes, absent ones counting 0, as the reference's evaluation script);
 - unpaired labelled digits (mnist2mnistm): `eval/label_acc_<dir>`, the accuracy of a classifier
   trained on real images of the output domain on the translated test images;
 - CoGAN: `eval/pair_agreement`, how often the two domain classifiers agree on a generated pair;
@@ -264,8 +266,12 @@ def snap_to_palette(images, palette):
 
 
 def segmentation_scores(pred, true, num_classes):
-    """pixel_acc; class_acc (mean over classes present in the truth); class_iou (mean over classes
-    present in the truth or the prediction): the FCN scores of the CycleGAN paper."""
+    """The FCN scores of the CycleGAN paper from ONE confusion matrix over all the pixels given
+    (pass the whole set, as the reference accumulates its histogram over every image):
+    pixel_acc; class_acc, class_iou: means over the present classes (in the truth; in the truth
+    or the prediction); class_acc_all, class_iou_all: means over all num_classes classes, an
+    absent class counting 0, as the reference's get_scores (diag / (row sum + 1e-12), diag /
+    (row + column sum − diag + 1e-12))."""
     pred, true = torch.as_tensor(pred).flatten().long(), torch.as_tensor(true).flatten().long()
     confusion = torch.bincount(true * num_classes + pred, minlength=num_classes**2)
     confusion = confusion.reshape(num_classes, num_classes).double()  # rows: truth
@@ -275,6 +281,8 @@ def segmentation_scores(pred, true, num_classes):
         "pixel_acc": (hits.sum() / confusion.sum()).item(),
         "class_acc": (hits[in_truth > 0] / in_truth[in_truth > 0]).mean().item(),
         "class_iou": (hits[union > 0] / union[union > 0]).mean().item(),
+        "class_acc_all": (hits / (in_truth + 1e-12)).mean().item(),
+        "class_iou_all": (hits / (union + 1e-12)).mean().item(),
     }
 
 

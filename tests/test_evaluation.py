@@ -128,6 +128,23 @@ def test_segmentation_scores_on_a_constructed_case():
     assert s["class_iou"] == pytest.approx(sum(iou) / 4)
 
 
+def test_all_class_means_count_an_absent_class_as_zero():
+    """The reference's get_scores averages over every class; a fifth class that appears nowhere
+    lowers those means and leaves the present-class means alone."""
+    true = torch.tensor([[0, 0, 0, 0], [1, 1, 2, 2]])
+    pred = torch.tensor([[0, 0, 0, 1], [1, 1, 1, 3]])
+    four, five = ev.segmentation_scores(pred, true, 4), ev.segmentation_scores(pred, true, 5)
+    assert five["class_acc"] == pytest.approx(four["class_acc"])
+    assert five["class_iou"] == pytest.approx(four["class_iou"])
+    acc = [3 / 4, 2 / 2, 0 / 2]  # classes 3 and 4 are never true: they add 0
+    iou = [3 / 4, 2 / 4, 0 / 2, 0 / 1]  # class 4 is in neither map: it adds 0
+    assert four["class_acc_all"] == pytest.approx(sum(acc) / 4)
+    assert five["class_acc_all"] == pytest.approx(sum(acc) / 5)
+    assert four["class_iou_all"] == pytest.approx(sum(iou) / 4)
+    assert five["class_iou_all"] == pytest.approx(sum(iou) / 5)
+    assert five["class_acc_all"] < five["class_acc"] and five["class_iou_all"] < five["class_iou"]
+
+
 def test_palette_from_real_facades_labels():
     files = sorted(glob.glob(os.path.join(FACADES_SMALL, "train", "*.jpg")))
     labels = np.stack([np.asarray(Image.open(f).convert("RGB"))[:, 256:] for f in files])  # B = label map
@@ -245,11 +262,12 @@ def test_evaluator_on_facades_with_a_tiny_cyclegan(facades):
     grids = evaluator.grids(nets, n=3)
     assert [m.training for m in nets.modules()] == flags
     scores = [f"{k}_{d}" for d in ("ab", "ba") for k in ("l1", "psnr", "ssim")]
-    scores += [f"{k}_ab" for k in ("pixel_acc", "class_acc", "class_iou")]  # photo → labels only
+    label_scores = ("pixel_acc", "class_acc", "class_iou", "class_acc_all", "class_iou_all")
+    scores += [f"{k}_ab" for k in label_scores]  # photo → labels only
     assert set(metrics) == {f"eval/{k}" for k in scores} | {"eval/cycle_l1_a", "eval/cycle_l1_b"}
     assert set(baselines) == {f"baseline/{k}" for k in scores}
     assert finite(metrics) and finite(baselines)
-    assert all(0 <= metrics[f"eval/{k}_ab"] <= 1 for k in ("pixel_acc", "class_acc", "class_iou"))
+    assert all(0 <= metrics[f"eval/{k}_ab"] <= 1 for k in label_scores)
     assert grids["ab"].shape == (3, 3 * 34 + 2, 3 * 34 + 2) and set(grids) == {"ab", "ba"}
     assert any("FID/KID skipped" in note and "inception_path" in note for note in evaluator.notes)
     # the baseline is the mean training label map, scored against the test label maps

@@ -164,6 +164,13 @@ def test_cogan_shares_generator_first_layers_and_discriminator_last_layers():
     assert not any(p is nets["D"].head_a[0].weight for p in nets["D"].shared_parameters())
 
 
+def test_cogan_adam_carries_the_reference_weight_decay():
+    _, cfg, _, optimizers = tiny_model("cogan")
+    assert cfg.weight_decay == 0.0005  # mingyuliutw/CoGAN's Adam(..., weight_decay=0.0005)
+    for name in ("G", "D"):
+        assert [g["weight_decay"] for g in optimizers[name].param_groups] == [0.0005]
+
+
 def test_cogan_updates_d_every_other_call_with_two_g_updates():
     spec, cfg, nets, optimizers = tiny_model("cogan", g_updates_per_d=2)
     state = {}

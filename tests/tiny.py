@@ -7,7 +7,7 @@ from models import MODELS
 TINY = {
     "cyclegan": dict(ngf=4, ndf=4, n_blocks=1),
     "dualgan": dict(ngf=4, ndf=4, num_downs=5),
-    "bicyclegan": dict(ngf=4, ndf=4, nef=4, num_downs=5, e_blocks=3),
+    "bicyclegan": dict(ngf=4, ndf=4, nef=4, num_downs=5, e_blocks=3, n_layers_d=2),  # 2-scale D at 32²
     "cogan": dict(ngf=8, ndf=8, image_size=32, nz=16),
     "pix2pix": dict(ngf=4, ndf=4, num_downs=5),
 }
