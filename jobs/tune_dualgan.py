@@ -24,7 +24,9 @@ from jobs import tune  # noqa: E402
 DEFAULT_SPACE = [
     "renorm.rmax=uniform:1.5:5",
     "renorm.dmax=uniform:0.5:5",
-    "renorm.warmup_steps=choice:0,50,200",
+    # 0: the paper's warm-up shape over the run's length; 10: almost none; 200: rmax fully open at
+    # step 200 (beyond a quick recipe's 120 steps), batch norm until 25 and dmax open at 125.
+    "renorm.warmup_steps=choice:0,10,200",
     "model.lambda_a=loguniform:100:1000",
     "model.lambda_b=loguniform:100:1000",
     "model.norm=choice:batch,batch_renorm,instance",

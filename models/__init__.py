@@ -8,10 +8,15 @@
 - `train_step(cfg, nets, optimizers, batch, state) -> dict[str, float]`: one generator update
   with the model's own discriminator updates; never changes train/eval modes, never logs, never
   does I/O; `state` is a dict the caller keeps and checkpoints (image pools, step counter);
+- `batches_per_step(cfg) -> int`: how many fresh batches one `train_step` call consumes (default
+  1; a module may define its own). At 1 the loop passes `batch` as one dict; at k > 1 it passes a
+  list of k dicts, each drawn fresh from the data (DualGAN: critic update i sees batch i, the
+  generator update the last one), and the data position advances by k per step;
 - `translate(cfg, nets, x, direction="ab", z=None) -> Tensor`: inference only, no grad, no mode
   changes (CoGAN returns a generated pair);
 - `directions`: the directions `translate` supports, and `generator_for` the net serving each.
-`batch` is {"a": Tensor, "b": Tensor}, N×C×H×W in [-1, 1].
+A batch is {"a": Tensor, "b": Tensor}, N×C×H×W in [-1, 1]. `train.steps` counts `train_step`
+calls (generator updates), whatever `batches_per_step` is.
 """
 
 from dataclasses import dataclass
@@ -40,6 +45,10 @@ class ModelSpec:
 
     def train_step(self, cfg, nets, optimizers, batch, state):
         return self.module.train_step(cfg, nets, optimizers, batch, state)
+
+    def batches_per_step(self, cfg) -> int:
+        own = getattr(self.module, "batches_per_step", None)
+        return own(cfg) if own else 1
 
     def translate(self, cfg, nets, x, direction="ab", z=None):
         return self.module.translate(cfg, nets, x, direction=direction, z=z)

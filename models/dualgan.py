@@ -4,9 +4,25 @@ Names: the paper's G_A: U→V and G_B: V→U are `G_ab` and `G_ba`; D_A (judging
 (judging U) are `D_b` and `D_a`. λ_U and λ_V are `lambda_a` and `lambda_b`, the weights of the
 reconstruction errors of domain a and domain b.
 
-Defaults follow the paper's recipe: WGAN loss with weight clipping 0.01, n_critic critic updates
-per generator update, RMSProp at 5e-5, λ = 500, batch size 1. (The public TF code trains G twice
-per critic step with a cross-entropy loss; the paper's WGAN schedule is the one reproduced here.)
+Defaults follow the paper (Algorithm 1): WGAN loss with weight clipping 0.01, n_critic = 2 critic
+updates per generator update, each on a fresh batch (`batches_per_step` = n_critic: the loop hands
+`train_step` n_critic batches; the generator update uses the last), RMSProp at 5e-5, λ = 500,
+batch size 1.
+
+The reference code (duxingren14/DualGAN master) defaults elsewhere: `GAN_type=wgan-gp` (γ = 10)
+and `n_critic=1` in main.py. Each training batch there gets one critic update, and every
+n_critic-th batch also a generator update on that same batch, so its critic too sees a fresh batch
+per update. Its `classic` type (cross-entropy) trains G twice per critic step; its default critic
+ends in a linear layer (`globalgan`) and keeps batch norm under wgan-gp. Master's settings are an
+option here: `loss=wgan-gp n_critic=1`; our wgan-gp critic has no batch norm (critic_norm auto =
+none: the penalty is per sample), a deliberate deviation.
+
+RMSProp is TF1's RMSPropOptimizer(decay=0.9, epsilon=1e-10), the optimiser of the reference code.
+TF1 starts the mean-square accumulator at 1, torch at 0: `make_optimizers` pre-fills torch's state
+with ones (otherwise the first update is lr·g/sqrt(0.1·g²) ≈ 3.2·lr for every parameter, whatever
+its gradient). TF1 adds epsilon inside the square root, torch outside; eps = 1e-10 outside here,
+which differs from TF1 only where the accumulator falls to about 1e-10.
+
 The generator norm is a choice (`batch | batch_renorm | instance | none`): seed 000 is about how
 batch norm's running statistics make eval-mode outputs differ from train-mode ones.
 """
@@ -79,11 +95,22 @@ def build_nets(cfg):
     return init_weights(nets, cfg.init_gain)
 
 
+def tf1_rmsprop(params, lr):
+    """torch's RMSprop set up as TF1's RMSPropOptimizer(decay=0.9, epsilon=1e-10): the accumulator
+    starts at 1. torch fills a parameter's state only while it is empty, and checkpoints replace it."""
+    opt = torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=1e-10)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            opt.state[p] = {"step": torch.tensor(0.0),
+                            "square_avg": torch.ones_like(p, memory_format=torch.preserve_format)}
+    return opt
+
+
 def make_optimizers(cfg, nets):
     def opt(*names):
         params = [p for n in names for p in nets[n].parameters()]
         if cfg.optimizer == "rmsprop":
-            return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.9)  # TF's RMSProp decay=0.9
+            return tf1_rmsprop(params, cfg.lr)
         if cfg.optimizer == "adam":
             return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas))
         raise ValueError(f"optimizer must be rmsprop or adam, got {cfg.optimizer!r}")
@@ -134,13 +161,22 @@ def generator_step(cfg, nets, optimizers, real_a, real_b):
     return out
 
 
+def batches_per_step(cfg):
+    """Algorithm 1 samples a fresh batch for every critic update."""
+    return cfg.n_critic
+
+
 def train_step(cfg, nets, optimizers, batch, state):
-    """n_critic critic updates (on this batch), then one update of both generators."""
+    """n_critic critic updates, update i on batch i, then one update of both generators on the
+    last batch. `batch` is the list of n_critic batches the loop draws; a single dict serves every
+    update (the critic then sees it n_critic times). The D losses reported are the last update's."""
     state.setdefault("step", 0)
-    real_a, real_b = batch["a"], batch["b"]
-    for _ in range(cfg.n_critic):
-        out = critic_step(cfg, nets, optimizers, real_a, real_b)
-    out.update(generator_step(cfg, nets, optimizers, real_a, real_b))
+    batches = list(batch) if isinstance(batch, list | tuple) else [batch] * cfg.n_critic
+    if len(batches) != cfg.n_critic:
+        raise ValueError(f"DualGAN takes n_critic={cfg.n_critic} batches per step, got {len(batches)}")
+    for b in batches:
+        out = critic_step(cfg, nets, optimizers, b["a"], b["b"])
+    out.update(generator_step(cfg, nets, optimizers, batches[-1]["a"], batches[-1]["b"]))
     if cfg.loss in ("wgan", "wgan-gp"):
         # −(critic loss) estimates the Wasserstein distance: the curve WGAN users watch.
         out["loss/D/wasserstein_a"] = -out["loss/D/a"]

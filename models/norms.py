@@ -21,9 +21,10 @@ class BatchRenorm2d(nn.Module):
     mean and variance move towards the batch's by `momentum`. Eval: x̂ = (x − μ)/σ.
     σ = sqrt(running_var + eps). With rmax=1, dmax=0 training output equals BatchNorm2d's.
 
-    `rmax` and `dmax` are buffers so that the training loop can anneal them (the paper warms up
-    rmax 1→3 and dmax 0→5) and so that checkpoints carry them. Statistics are computed in fp32
-    even under autocast, since bf16 variances of large activations lose most of their digits.
+    `rmax` and `dmax` are buffers so that the training loop can anneal them (`renorm_limits`: the
+    paper's warm-up from batch norm to rmax 3, dmax 5) and so that checkpoints carry them.
+    Statistics are computed in fp32 even under autocast, since bf16 variances of large activations
+    lose most of their digits.
     Running stats are stored as mean and (unbiased) variance, as BatchNorm2d does, so state dicts
     convert between the two.
     """
@@ -135,12 +136,23 @@ def set_renorm_limits(module, rmax=None, dmax=None):
     return count
 
 
-def renorm_warmup(step, warmup_steps, rmax_final=3.0, dmax_final=5.0, start_step=0):
-    """The paper's schedule: rmax 1→rmax_final and dmax 0→dmax_final linearly over warmup_steps.
+# Ioffe 2017's warm-up, in training steps: rmax = 1 and dmax = 0 (plain batch norm) for the first
+# 5k steps, then both relaxed gradually (linearly here) to reach rmax = 3 at 40k and dmax = 5 at 25k.
+PAPER_WARMUP = {"bn_until": 5_000, "dmax_until": 25_000, "rmax_until": 40_000}
 
-    Returns (rmax, dmax) for `step`. Before `start_step` the layer behaves as batch norm.
-    """
-    if warmup_steps <= 0:
-        return rmax_final, dmax_final
-    t = min(max(step - start_step, 0) / warmup_steps, 1.0)
-    return 1.0 + t * (rmax_final - 1.0), t * dmax_final
+
+def ramp(step, start, end):
+    """0 up to `start`, then linear to 1 at `end`, 1 from there on."""
+    if step >= end:
+        return 1.0
+    if step <= start:
+        return 0.0
+    return (step - start) / (end - start)
+
+
+def renorm_limits(step, bn_until, rmax_until, dmax_until, rmax_final=3.0, dmax_final=5.0):
+    """(rmax, dmax) for `step` (updates done) under the paper's warm-up shape: batch norm (1, 0)
+    until `bn_until`, then rmax rises linearly to rmax_final at `rmax_until` and dmax to dmax_final
+    at `dmax_until`. Points in steps (floats allowed); all 0 gives the final limits from the start."""
+    return (1.0 + ramp(step, bn_until, rmax_until) * (rmax_final - 1.0),
+            ramp(step, bn_until, dmax_until) * dmax_final)

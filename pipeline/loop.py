@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from models.norms import renorm_warmup, set_renorm_limits
+from models.norms import PAPER_WARMUP, renorm_limits, set_renorm_limits
 
 
 def cycle(batches):
@@ -28,29 +28,34 @@ def cycle(batches):
 
 
 def train_local(spec, cfg, batches, steps, *, nets=None, optimizers=None, state=None, seed=0,
-                renorm_warmup_steps=0, every=0, on_every=None, device="cpu"):
+                renorm=None, every=0, on_every=None, device="cpu"):
     """Run `steps` generator updates over `batches`; return (nets, optimizers, state, history).
 
-    `on_every(step, nets, losses)` is called every `every` steps and after the last one.
-    `renorm_warmup_steps > 0` anneals Batch Renorm's rmax 1→3 and dmax 0→5 over that many steps.
+    Each step draws `spec.batches_per_step(cfg)` fresh batches. `on_every(step, nets, losses)` is
+    called every `every` steps and after the last one. `renorm` (a RenormSettings; None = the
+    defaults, the paper's warm-up over `steps`) sets Batch Renorm's limits at every step.
     """
+    from pipeline.run_config import RenormSettings
+
     torch.manual_seed(seed)
     nets = spec.build_nets(cfg).to(device) if nets is None else nets
     optimizers = spec.make_optimizers(cfg, nets) if optimizers is None else optimizers
     state = {} if state is None else state
+    renorm = RenormSettings() if renorm is None else renorm
+    per_step = spec.batches_per_step(cfg)
     nets.train()
     history = []
     stream = cycle(batches)
     for step in range(1, steps + 1):
-        if renorm_warmup_steps:
-            set_renorm_limits(nets, *renorm_warmup(step - 1, renorm_warmup_steps))
+        set_renorm_limits(nets, *renorm_at(renorm, step - 1, steps))
         start = time.perf_counter()
-        batch = {k: v.to(device) for k, v in next(stream).items() if k in ("a", "b")}
-        losses = spec.train_step(cfg, nets, optimizers, batch, state)
+        drawn = [{k: v.to(device) for k, v in next(stream).items() if k in ("a", "b")}
+                 for _ in range(per_step)]
+        losses = spec.train_step(cfg, nets, optimizers, drawn[0] if per_step == 1 else drawn, state)
         bad = [k for k, v in losses.items() if not math.isfinite(v)]
         if bad:
             raise FloatingPointError(f"step {step}: non-finite losses {bad}; lower the learning rate")
-        n = batch["a"].shape[0]
+        n = sum(b["a"].shape[0] for b in drawn)  # every image the step consumed
         losses["perf/images_per_s"] = n / max(time.perf_counter() - start, 1e-9)
         history.append(losses)
         if on_every and every and (step % every == 0 or step == steps):
@@ -127,22 +132,24 @@ def epoch_batches(cfg, world: int, rank: int, epoch: int, skip_batches: int):
     return iter(LocalReader(d.path, d.train_split, batch_size=cfg.train.batch_size, drop_last=True, **kwargs))
 
 
-def batch_stream(cfg, world: int, rank: int, progress: Progress):
-    """(epoch, index in epoch, batch) forever, from the saved data position on. With the Ray Data
-    reader the next epoch starts reading halfway through this one: a fresh Ray Data execution takes
-    seconds to yield its first batch, which would otherwise stall every epoch boundary."""
+def batch_stream(cfg, world: int, rank: int, progress: Progress, per_step: int = 1):
+    """(epoch, index in epoch, batch) forever, from the saved data position on; a step takes
+    `per_step` batches. With the Ray Data reader the next epoch starts reading halfway through this
+    one: a fresh Ray Data execution takes seconds to yield its first batch, which would otherwise
+    stall every epoch boundary."""
     per_epoch = batches_per_epoch(cfg, world)
-    epoch, skip, step = progress.epoch, progress.batch, progress.step
+    epoch, skip = progress.epoch, progress.batch
+    consumed, needed = progress.step * per_step, cfg.train.steps * per_step  # batches
     if skip >= per_epoch:
         epoch, skip = epoch + 1, 0
     current = epoch_batches(cfg, world, rank, epoch, skip)
     while True:
         upcoming = None
         for index, batch in enumerate(current, start=skip):
-            needs_next = step + per_epoch - index < cfg.train.steps  # steps left after this epoch
+            needs_next = consumed + per_epoch - index < needed  # batches left after this epoch
             if upcoming is None and cfg.data.reader == "ray" and index >= per_epoch // 2 and needs_next:
                 upcoming = Prefetched(epoch_batches, cfg, world, rank, epoch + 1, 0)
-            step += 1
+            consumed += 1
             yield epoch, index, batch
         current = upcoming or epoch_batches(cfg, world, rank, epoch + 1, 0)
         epoch, skip = epoch + 1, 0
@@ -188,14 +195,17 @@ def prepare_batch(cfg, batch: dict, device, channels_last: bool) -> dict:
 
 
 class Meter:
-    """Step losses and timings averaged over the logging window."""
+    """Step losses and timings averaged over the logging window. A loss is averaged over the steps
+    that reported it (CoGAN updates D every other step). `images` is every image a step consumed:
+    all n_critic batches of a DualGAN step, on all workers."""
 
     def __init__(self):
-        self.sums, self.count, self.images, self.wait, self.busy = {}, 0, 0, 0.0, 0.0
+        self.sums, self.counts, self.count, self.images, self.wait, self.busy = {}, {}, 0, 0, 0.0, 0.0
 
     def add(self, losses: dict, images: int, wait: float, total: float) -> None:
         for k, v in losses.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
         self.count += 1
         self.images += images
         self.wait += wait
@@ -204,7 +214,7 @@ class Meter:
     def flush(self) -> dict:
         if not self.count:
             return {}
-        out = {k: v / self.count for k, v in self.sums.items()}
+        out = {k: v / self.counts[k] for k, v in self.sums.items()}
         out["perf/images_per_s"] = self.images / max(self.busy, 1e-9)
         out["perf/step_time_s"] = self.busy / self.count
         out["perf/data_wait_fraction"] = self.wait / max(self.busy, 1e-9)
@@ -516,9 +526,19 @@ def compiled(cfg, nets):
     return torch.nn.ModuleDict({k: torch.compile(v) for k, v in nets.items()})
 
 
+def renorm_at(renorm, step: int, steps: int) -> tuple[float, float]:
+    """Batch Renorm's (rmax, dmax) after `step` of `steps` updates, from a RenormSettings: its
+    fractions of the run, or with warmup_steps > 0 the paper's points scaled to end there."""
+    if renorm.warmup_steps > 0:
+        scale = renorm.warmup_steps / PAPER_WARMUP["rmax_until"]
+        points = [PAPER_WARMUP[k] * scale for k in ("bn_until", "rmax_until", "dmax_until")]
+    else:
+        points = [renorm.bn_until * steps, renorm.rmax_until * steps, renorm.dmax_until * steps]
+    return renorm_limits(step, *points, renorm.rmax, renorm.dmax)
+
+
 def set_renorm(cfg, nets, step: int) -> None:
-    r = cfg.renorm
-    set_renorm_limits(nets, *renorm_warmup(step, r.warmup_steps, r.rmax, r.dmax))
+    set_renorm_limits(nets, *renorm_at(cfg.renorm, step, cfg.train.steps))
 
 
 def run_training(cfg, session) -> dict:
@@ -544,19 +564,22 @@ def run_training(cfg, session) -> dict:
             tracker.log_text("\n".join(evaluator.notes), "evaluation_notes.txt")
     budget = start_budget(cfg, spec, session, trainee, evaluator, tracker)
     run_nets, optimizers = compiled(cfg, trainee.nets), wrap_optimizers(trainee.optimizers, session.world)
-    stream, meter = batch_stream(cfg, session.world, session.rank, trainee.progress), Meter()
+    per_step = spec.batches_per_step(model_cfg)  # fresh batches per generator update
+    stream, meter = batch_stream(cfg, session.world, session.rank, trainee.progress, per_step), Meter()
     channels_last = cfg.scaling.channels_last and session.device.type == "cuda"
     if session.device.type == "cuda":  # every batch has the crop's shape: autotuned kernels pay off
         torch.backends.cudnn.benchmark = True
     trainee.nets.train()
     while trainee.progress.step < cfg.train.steps:
         start = time.perf_counter()
-        epoch, index, batch = next(stream)
-        batch = prepare_batch(cfg, batch, session.device, channels_last)
+        drawn = [next(stream) for _ in range(per_step)]
+        epoch, index = drawn[-1][0], drawn[-1][1]  # the data position after this step's last batch
+        batches = [prepare_batch(cfg, batch, session.device, channels_last) for _, _, batch in drawn]
         waited = time.perf_counter() - start
         set_renorm(cfg, trainee.nets, trainee.progress.step)
         with autocast(cfg, session.device):
-            losses = spec.train_step(model_cfg, run_nets, optimizers, batch, trainee.state)
+            given = batches[0] if per_step == 1 else batches
+            losses = spec.train_step(model_cfg, run_nets, optimizers, given, trainee.state)
         check_finite(losses, trainee.progress.step + 1)
         if session.world > 1:
             average_buffers(trainee.nets, session.world)
@@ -564,8 +587,8 @@ def run_training(cfg, session) -> dict:
             scheduler.step()
         trainee.progress = dataclasses.replace(trainee.progress, step=trainee.progress.step + 1,
                                                epoch=epoch, batch=index + 1)
-        meter.add(losses, batch["a" if "a" in batch else "b"].shape[0] * session.world, waited,
-                  time.perf_counter() - start)
+        images = sum(b["a" if "a" in b else "b"].shape[0] for b in batches) * session.world
+        meter.add(losses, images, waited, time.perf_counter() - start)
         fixed = budget.decide(trainee.progress.step) if budget and not trainee.progress.steps else 0
         if fixed:
             cfg = fix_steps(cfg, model_cfg, trainee, fixed)

@@ -55,11 +55,23 @@ class OptimSettings:
 
 @dataclass
 class RenormSettings:
-    """Batch Renorm clipping (used when the nets contain BatchRenorm2d layers)."""
+    """Batch Renorm's limits and their warm-up (used when the nets contain BatchRenorm2d layers).
+
+    Ioffe 2017 trains with plain batch norm (rmax = 1, dmax = 0) for the first 5k steps, then
+    relaxes the limits to reach rmax = 3 at 40k steps and dmax = 5 at 25k. The paper gives steps;
+    here the points are fractions of train.steps by default, the paper's read as a 100k-step run
+    (our choice): batch norm until 5%, dmax at its end from 25%, rmax from 40% of the run.
+    `warmup_steps > 0` sets the points in steps instead: rmax reaches its end at warmup_steps,
+    the batch-norm phase ends at 5/40 and dmax at 25/40 of it (the paper's proportions).
+    No warm-up (the final limits from step 0): warmup_steps 0 and all three fractions 0.
+    """
 
     rmax: float = 3.0
     dmax: float = 5.0
-    warmup_steps: int = 0  # anneal rmax 1→rmax and dmax 0→dmax over this many steps; 0 = fixed
+    bn_until: float = 0.05  # fraction of train.steps trained as plain batch norm
+    dmax_until: float = 0.25  # fraction of train.steps at which dmax reaches `dmax`
+    rmax_until: float = 0.40  # fraction of train.steps at which rmax reaches `rmax`
+    warmup_steps: int = 0  # > 0: rmax reaches `rmax` at this step, the rest in proportion; 0 = fractions
 
 
 @dataclass
@@ -161,6 +173,9 @@ def validate(cfg: RunConfig) -> None:
         (cfg.eval.label_domain in ("", "a", "b"), f"eval.label_domain must be a, b or '' (none): "
                                                   f"{cfg.eval.label_domain!r}"),
         (cfg.renorm.rmax >= 1.0 and cfg.renorm.dmax >= 0.0, "renorm.rmax must be >= 1 and renorm.dmax >= 0"),
+        (0.0 <= cfg.renorm.bn_until <= min(cfg.renorm.rmax_until, cfg.renorm.dmax_until),
+         "renorm.bn_until must be >= 0 and not after renorm.rmax_until or renorm.dmax_until"),
+        (cfg.renorm.warmup_steps >= 0, f"renorm.warmup_steps must be >= 0, got {cfg.renorm.warmup_steps}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -110,3 +110,10 @@ def test_prefetched_iterator_keeps_order_and_reraises_in_the_consumer():
 
     with pytest.raises(OSError, match="shard 3"):
         list(Prefetched(broken))
+
+
+def test_dualgan_steps_advance_the_data_position_by_n_critic(tmp_path, facades_small_dst):
+    cfg = tiny_run(tmp_path, facades_small_dst, "dualgan", steps=2, every=1, n_critic=3)
+    run_plain(cfg)
+    metas = [ckpt.read_meta(checkpoint_dir(cfg, step)) for step in (1, 2)]
+    assert [(m["step"], m["epoch"], m["batch"]) for m in metas] == [(1, 0, 3), (2, 0, 6)]

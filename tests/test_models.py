@@ -127,6 +127,46 @@ def test_dualgan_lsgan_and_unknown_loss():
         tiny_model("dualgan", loss="hinge")
 
 
+def test_dualgan_critic_update_i_sees_batch_i_and_the_generator_the_last():
+    spec, cfg, nets, optimizers = tiny_model("dualgan", n_critic=2)
+    assert spec.batches_per_step(cfg) == 2 and MODELS["cyclegan"].batches_per_step(cfg) == 1
+    batches = [tiny_batch(cfg, seed=0), tiny_batch(cfg, seed=1)]
+    seen = {"G_ab": [], "D_b": []}
+    for name, inputs in seen.items():
+        nets[name].register_forward_pre_hook(lambda m, args, inputs=inputs: inputs.append(args[0].detach()))
+    spec.train_step(cfg, nets, optimizers, batches, {})
+    # G_ab runs once per critic update on that update's real a, then in the generator update on
+    # the generator batch's real a, then on the reconstruction path.
+    a0, a1 = batches[0]["a"], batches[1]["a"]
+    assert [torch.equal(x, a) for x, a in zip(seen["G_ab"][:3], (a0, a1, a1), strict=True)] == [True] * 3
+    reals = [x for x in seen["D_b"] if any(torch.equal(x, b["b"]) for b in batches)]
+    assert len(reals) == 2  # one real b per critic update, in order; none in the generator update
+    assert torch.equal(reals[0], batches[0]["b"]) and torch.equal(reals[1], batches[1]["b"])
+    with pytest.raises(ValueError, match="n_critic=2 batches per step, got 1"):
+        spec.train_step(cfg, nets, optimizers, batches[:1], {})
+
+
+def test_dualgan_rmsprop_starts_its_accumulator_at_one_as_tf1():
+    spec, cfg, nets, optimizers = tiny_model("dualgan")
+    opt = optimizers["D"]
+    p = opt.param_groups[0]["params"][0]
+    g = torch.full_like(p, 0.5)
+    with torch.no_grad():
+        p.zero_()  # so that the step is read back exactly
+    p.grad = g.clone()
+    opt.step()
+    step = -p.detach()
+    tf1 = cfg.lr * g / torch.sqrt(0.9 + 0.1 * g**2)  # TF1: ms starts at 1
+    torch.testing.assert_close(step, tf1, rtol=1e-5, atol=0.0)
+    assert not torch.allclose(step, cfg.lr * g / torch.sqrt(0.1 * g**2))  # torch's own start at 0
+    # A checkpoint's optimizer state replaces the pre-filled ones
+    _, _, nets2, optimizers2 = tiny_model("dualgan")
+    optimizers2["D"].load_state_dict(opt.state_dict())
+    loaded = optimizers2["D"].state[optimizers2["D"].param_groups[0]["params"][0]]
+    torch.testing.assert_close(loaded["square_avg"], 0.9 + 0.1 * g**2)
+    assert float(loaded["step"]) == 1.0
+
+
 def test_bicyclegan_latent_regression_updates_g_alone():
     # Only the z term is weighted: E must not move (Adam with zero grads makes no step), G must.
     zeroed = dict(lambda_l1=0.0, lambda_kl=0.0, lambda_gan=0.0, lambda_gan2=0.0, lambda_z=0.5)

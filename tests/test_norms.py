@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.norms import BatchRenorm2d, norm_layer, renorm_warmup, set_renorm_limits
+from models.norms import BatchRenorm2d, norm_layer, renorm_limits, set_renorm_limits
 
 
 def batch(seed=0, shape=(8, 3, 5, 5), scale=2.0, shift=1.0):
@@ -109,11 +109,37 @@ def test_limits_are_buffers_the_loop_can_anneal():
     assert set_renorm_limits(net, rmax=1.5, dmax=0.5) == 2
     state = net.state_dict()
     assert float(state["0.rmax"]) == 1.5 and float(state["2.dmax"]) == 0.5
-    assert renorm_warmup(0, 100) == (1.0, 0.0)
-    assert renorm_warmup(50, 100, 3.0, 5.0) == (2.0, 2.5)
-    assert renorm_warmup(500, 100, 3.0, 5.0) == (3.0, 5.0)
     with pytest.raises(ValueError, match="rmax must be >= 1"):
         set_renorm_limits(net, rmax=0.5)
+
+
+def test_warmup_has_the_papers_shape_at_its_key_points():
+    """Ioffe 2017: batch norm until 5k steps, dmax reaches 5 at 25k, rmax reaches 3 at 40k."""
+    at = lambda step: renorm_limits(step, 5_000, 40_000, 25_000, 3.0, 5.0)  # noqa: E731
+    assert at(0) == (1.0, 0.0) and at(4_999) == (1.0, 0.0) and at(5_000) == (1.0, 0.0)
+    assert at(15_000) == pytest.approx((1.0 + 2.0 * 10 / 35, 2.5))  # dmax halfway, rmax not yet
+    assert at(25_000) == pytest.approx((1.0 + 2.0 * 20 / 35, 5.0))
+    assert at(40_000) == (3.0, 5.0) and at(90_000) == (3.0, 5.0)
+    assert renorm_limits(0, 0, 0, 0, 2.0, 1.0) == (2.0, 1.0)  # no warm-up: the final limits at once
+
+
+def test_loop_warmup_is_on_by_default_as_fractions_of_the_run():
+    from pipeline.loop import renorm_at
+    from pipeline.run_config import RenormSettings, make_config
+
+    cfg = make_config("dualgan")
+    steps = cfg.train.steps
+    assert renorm_at(cfg.renorm, 0, steps) == (1.0, 0.0)
+    assert renorm_at(cfg.renorm, int(0.05 * steps), steps) == (1.0, 0.0)
+    assert renorm_at(cfg.renorm, int(0.25 * steps), steps)[1] == 5.0
+    assert renorm_at(cfg.renorm, int(0.40 * steps), steps) == (3.0, 5.0)
+    assert 1.0 < renorm_at(cfg.renorm, int(0.25 * steps), steps)[0] < 3.0
+    # warmup_steps > 0: rmax ends there, batch norm until 5/40 and dmax's end at 25/40 of it
+    fixed = RenormSettings(warmup_steps=400)
+    assert renorm_at(fixed, 50, 10**6) == (1.0, 0.0) and renorm_at(fixed, 51, 10**6)[1] > 0.0
+    assert renorm_at(fixed, 250, 10**6)[1] == 5.0 and renorm_at(fixed, 400, 10**6) == (3.0, 5.0)
+    off = RenormSettings(bn_until=0.0, rmax_until=0.0, dmax_until=0.0)
+    assert renorm_at(off, 0, steps) == (3.0, 5.0)
 
 
 def test_norm_layer_by_name():
