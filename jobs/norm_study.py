@@ -4,10 +4,12 @@
     python jobs/norm_study.py --recipe dualgan_facades --set train.steps=20000 scaling.num_workers=2
 
 Trains one DualGAN per generator norm (batch | batch_renorm | instance) as child MLflow runs of one
-parent run, each evaluated in eval mode (what a user serves) and train mode, with the gap. The
-parent run gets the figure `norm_study_<direction>.png` (rows: one block per norm; columns:
+parent run, each evaluated in the mode a user is served (batch norm: each image normalised by its
+own statistics, with the running-statistics numbers beside them in test_running_stats/ and the gap
+in test_running_stats_gap/) and in train mode (test_train_mode/, and test_gap/ from eval mode).
+The parent run gets the figure `norm_study_<direction>.png` (rows: one block per norm; columns:
 input | train-mode output | eval-mode output, on the same validation images) and
-`norm_study.json`, the eval/train-mode metrics and their gap per norm.
+`norm_study.json`, those metrics per norm.
 """
 
 import argparse
@@ -81,7 +83,7 @@ def figure(configs: dict, images: int):
 
 
 def table(results: dict) -> dict:
-    keep = ("test/", "test_train_mode/", "test_gap/")
+    keep = ("test/", "test_running_stats/", "test_running_stats_gap/", "test_train_mode/", "test_gap/")
     return {norm: {k: v for k, v in m.items() if k.startswith(keep)} for norm, m in results.items()}
 
 

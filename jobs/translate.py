@@ -47,9 +47,13 @@ def parse_args(argv=None):
                    help="dataset input: split(s) to read (default all)")
     p.add_argument("--direction", help="checkpoint: which generator (ab, ba); registered models have one")
     p.add_argument("--format", default="png", choices=["png", "jpeg", "parquet"])
-    p.add_argument("--bn-mode", default="eval", choices=["eval", "train"],
-                   help="eval (default) or train: batch statistics, as seed 000 compared (outputs "
-                        "then depend on the batch)")
+    p.add_argument("--bn-mode", default="auto", choices=["auto", "per_image", "eval", "train"],
+                   help="auto (default): per_image for a batch-norm generator (each image normalised by "
+                        "its own statistics, as the pix2pix and DualGAN test scripts), eval otherwise; "
+                        "eval: running statistics; train: batch statistics of the whole batch, dropout "
+                        "on, as seed 000 compared (outputs then depend on the batch)")
+    p.add_argument("--dropout", action="store_true",
+                   help="keep dropout on at test time, as pix2pix's test script (outputs vary per run)")
     p.add_argument("--samples", type=int, default=1, help="BicycleGAN: outputs per input, one z each")
     p.add_argument("--z", dest="z_mode", default="random", choices=["random", "linear", "zero"],
                    help="BicycleGAN: z ~ N(0, I) per sample, a linear interpolation grid, or zeros")
@@ -113,7 +117,7 @@ def build_job(args, payload, device: str):
                          "pass --pairs N instead of --input")
     if payload.model_name != "cogan" and args.pairs:
         raise ValueError(f"--pairs is for CoGAN models; {args.model} is a {payload.model_name}")
-    settings = Settings(args.format, args.bn_mode, args.z_mode, args.seed, args.keep_size)
+    settings = Settings(args.format, args.bn_mode, args.z_mode, args.seed, args.keep_size, args.dropout)
     io_workers = args.io_workers or (8 if device == "cuda" else 4)
     return Job(payload, _absolute(args.output), settings, args.samples, batch_size=args.batch_size,
                device=device, bf16=args.bf16, io_workers=io_workers, s3_endpoint=args.s3_endpoint)

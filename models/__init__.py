@@ -14,7 +14,8 @@
   generator update the last one), and the data position advances by k per step;
 - `translate(cfg, nets, x, direction="ab", z=None) -> Tensor`: inference only, no grad, no mode
   changes (CoGAN returns a generated pair);
-- `directions`: the directions `translate` supports, and `generator_for` the net serving each.
+- `directions`: the directions `translate` supports, and `generator_for` the net serving each;
+- `generator_norm(cfg)`: the generator's norm kind, for its test-time mode (`models.norms`).
 A batch is {"a": Tensor, "b": Tensor}, N×C×H×W in [-1, 1]. `train.steps` counts `train_step`
 calls (generator updates), whatever `batches_per_step` is.
 """
@@ -52,6 +53,12 @@ class ModelSpec:
 
     def translate(self, cfg, nets, x, direction="ab", z=None):
         return self.module.translate(cfg, nets, x, direction=direction, z=z)
+
+    def generator_norm(self, cfg):
+        """The image-to-image generator's norm kind (its config's `norm`), which decides its test-time
+        mode (`models.norms.inference_mode`). None for CoGAN: it generates from z rather than
+        translating an image, and its fixed batch norms stay in eval mode."""
+        return None if "pair" in self.directions else cfg.norm
 
 
 class Registry(dict):

@@ -5,7 +5,14 @@ training normalises with the batch's statistics, inference with running averages
 network never saw while it learned. Batch Renorm (Ioffe 2017) trains with the batch statistics
 corrected towards the running ones (r, d), so both modes agree; Instance Norm has no running
 statistics at all. `norm_layer(kind, c)` builds any of them so a config can choose.
+
+At test time (`inference_mode`, `inference`, `run_generator`) a batch-norm generator normalises
+each image by its own statistics, as the pix2pix and DualGAN test scripts do (batch norm in
+training mode at batch size 1); "eval" (running statistics) stays available for seed 000's
+comparison, and the other norms run in plain eval mode.
 """
+
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -156,3 +163,94 @@ def renorm_limits(step, bn_until, rmax_until, dmax_until, rmax_final=3.0, dmax_f
     at `dmax_until`. Points in steps (floats allowed); all 0 gives the final limits from the start."""
     return (1.0 + ramp(step, bn_until, rmax_until) * (rmax_final - 1.0),
             ramp(step, bn_until, dmax_until) * dmax_final)
+
+
+# ============================================================================= inference modes
+
+INFERENCE_MODES = ("per_image", "eval", "train")
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+def inference_mode(norm_kind, requested="auto"):
+    """The mode a generator with `norm_kind` runs in at test time: per_image | eval | train.
+
+    "auto" follows the papers' test scripts: pix2pix ("we apply batch normalization using the
+    statistics of the test batch", batch size 1) and DualGAN's reference normalise each test image
+    by its own statistics, so batch norm gets "per_image"; every other norm (batch_renorm, instance,
+    none) and a generator without an image norm (norm_kind None, e.g. CoGAN's, which starts from z)
+    get "eval". An explicit mode is returned as asked."""
+    if requested == "auto":
+        return "per_image" if norm_kind == "batch" else "eval"
+    if requested not in INFERENCE_MODES:
+        raise ValueError(f"inference mode must be auto or one of {', '.join(INFERENCE_MODES)}, "
+                         f"got {requested!r}")
+    return requested
+
+
+@contextmanager
+def per_image_batch_norm(module):
+    """Every nn.BatchNorm2d in `module` normalises with its input's own statistics (training-mode
+    normalisation) while its running statistics stay as they are; other layers are not touched.
+
+    BatchNorm2d.forward passes the running buffers to F.batch_norm in training mode only when
+    `track_running_stats` is set, and counts `num_batches_tracked` only then (torch 2.13), so with
+    training=True and track_running_stats=False no buffer is read or written. Flags are restored."""
+    layers = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [(m, m.training, m.track_running_stats) for m in layers]
+    for m in layers:
+        m.training, m.track_running_stats = True, False
+    try:
+        yield
+    finally:
+        for m, training, tracked in saved:
+            m.training, m.track_running_stats = training, tracked
+
+
+@contextmanager
+def inference(module, mode="eval", dropout=False):
+    """Run `module` in inference `mode` without gradients; every flag and buffer is put back.
+
+    eval: running statistics, dropout off. per_image: eval, except that batch norm normalises with
+    the statistics of what it is given (pair it with `per_image` so that this is one image).
+    train: every layer in training mode, dropout included (seed 000's comparison); the buffers
+    that batch norm and batch renorm then move are restored afterwards, since a look is not a
+    training step. `dropout=True` turns dropout on in eval and per_image too (pix2pix's test
+    script keeps it on as its noise source)."""
+    if mode not in INFERENCE_MODES:
+        raise ValueError(f"inference mode must be one of {', '.join(INFERENCE_MODES)}, got {mode!r}")
+    flags = [(m, m.training) for m in module.modules()]
+    saved = [(b, b.detach().clone()) for b in module.buffers()] if mode == "train" else []
+    module.train(mode == "train")
+    if dropout:
+        for m in module.modules():
+            if isinstance(m, DROPOUTS):
+                m.train()
+    try:
+        with torch.no_grad(), per_image_batch_norm(module) if mode == "per_image" else nullcontext():
+            yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+        with torch.no_grad():
+            for buffer, copy in saved:
+                buffer.copy_(copy)
+
+
+def per_image(fn, x, z=None):
+    """fn(x_i, z_i) for each image i alone (a batch of 1), concatenated: no output depends on what
+    else is in the batch. x or z may be None (a generator from z takes x=None); a tuple output
+    (CoGAN's pair) is concatenated element by element."""
+    n = len(x) if x is not None else len(z)
+    outs = [fn(None if x is None else x[i:i + 1], None if z is None else z[i:i + 1]) for i in range(n)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+    return torch.cat(outs)
+
+
+def run_generator(fn, module, x, z=None, mode="eval", dropout=False):
+    """fn(x, z) (a model's translate over `module`) in inference `mode`: per_image runs it image by
+    image, the other modes on the whole batch."""
+    with inference(module, mode, dropout):
+        if mode == "per_image":
+            return per_image(fn, x, z)
+        return fn(x, z)

@@ -1,9 +1,13 @@
 """Evaluation: sampling grids for people to look at, and quality metrics for the loop to log.
 
-Every function that runs the nets switches them to eval mode itself and restores each module's own
+Every function that runs the nets sets their inference mode itself and restores each module's own
 flag afterwards, so callers never have to remember (seed 000's lesson: sampling in training mode
-hides what batch norm does at inference). Sampling in training mode on purpose (`train_mode=True`)
-also puts batch norm's running statistics back: a look is not a training step.
+hides what batch norm does at inference). The mode (`models.norms.inference_mode`) is "auto" unless
+asked: a batch-norm generator translates each image alone, normalised by its own statistics (the
+pix2pix and DualGAN test scripts), so no output depends on its batch; every other norm runs in eval
+mode. "eval" (running statistics) and "train" (every layer in training mode, batch statistics of
+the whole batch) are there for seed 000's comparison; "train" puts the running statistics back,
+since a look is not a training step.
 
 Images are N×C×H×W float tensors in [-1, 1] (C = 1 or 3). The metric functions are pure and
 return per-batch means as Python floats. `Evaluator` owns the data, the one-off work (label
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from models.norms import inference, inference_mode, run_generator
 from pipeline.data import LocalReader, read_manifest
 
 # ============================================================================= sampling and grids
@@ -43,18 +48,20 @@ def eval_mode(nets, enabled=True):
 
     With enabled=False the buffers are restored too: batch norm in train mode would otherwise move
     its running statistics, and a look at train-mode outputs must not change the model."""
-    flags = [(m, m.training) for m in nets.modules()]
-    saved = [] if enabled else [(b, b.detach().clone()) for b in nets.buffers()]
-    nets.train(not enabled)
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-        with torch.no_grad():
-            for buffer, copy in saved:
-                buffer.copy_(copy)
+    with inference(nets, "eval" if enabled else "train"):
+        yield
+
+
+def resolve_mode(spec, cfg, mode="auto"):
+    """per_image | eval | train for this model's generator; "auto" picks by its norm."""
+    return inference_mode(spec.generator_norm(cfg), mode)
+
+
+def translate_in_mode(spec, cfg, nets, x, direction="ab", z=None, mode="auto", dropout=False):
+    """spec.translate in inference `mode` (see the module docstring); flags and buffers as found.
+    `dropout=True` keeps dropout on, as pix2pix's test script does."""
+    fn = lambda xi, zi: spec.translate(cfg, nets, xi, direction, zi)  # noqa: E731
+    return run_generator(fn, nets, x, z, resolve_mode(spec, cfg, mode), dropout)
 
 
 def to_rgb(x):
@@ -72,16 +79,14 @@ def match_channels(x, channels):
     return (x * weights[None, :, None, None]).sum(1, keepdim=True)
 
 
-def translation_grid(spec, cfg, nets, x, direction="ab", z=None, train_mode=False):
-    """Rows of input | output | reconstruction (the last only for two-way models).
-
-    `train_mode=True` samples in training mode instead (for the seed-000 comparison)."""
+def translation_grid(spec, cfg, nets, x, direction="ab", z=None, mode="auto", dropout=False):
+    """Rows of input | output | reconstruction (the last only for two-way models), in inference
+    `mode` ("train" for the seed-000 comparison)."""
     back = {"ab": "ba", "ba": "ab"}.get(direction)
-    with eval_mode(nets, enabled=not train_mode):
-        out = spec.translate(cfg, nets, x, direction, z)
-        columns = [x, out]
-        if back in spec.directions:
-            columns.append(spec.translate(cfg, nets, out, back, None))
+    out = translate_in_mode(spec, cfg, nets, x, direction, z, mode, dropout)
+    columns = [x, out]
+    if back in spec.directions:
+        columns.append(translate_in_mode(spec, cfg, nets, out, back, None, mode, dropout))
     return tile([to_rgb(c.float().cpu()) for c in columns])
 
 
@@ -108,11 +113,8 @@ def save_png(image, path):
 
 def train_eval_outputs(spec, cfg, nets, x, direction="ab", z=None):
     """(train-mode output, eval-mode output) of the same inputs: one row of the norm study."""
-    outputs = []
-    for train_mode in (True, False):
-        with eval_mode(nets, enabled=not train_mode):
-            outputs.append(spec.translate(cfg, nets, x, direction, z).float().cpu())
-    return tuple(outputs)
+    modes = ("train", "eval")
+    return tuple(translate_in_mode(spec, cfg, nets, x, direction, z, mode).float().cpu() for mode in modes)
 
 
 def norm_study_figure(rows, inputs):
@@ -468,12 +470,17 @@ class Evaluator:
     classifiers (labelled data; up to `train_images` per domain, trained with `classifier`
     settings over CLASSIFIER, cached in `cache_dir` as safetensors when given). `metrics(nets)`
     then only translates and scores. `notes` says what was skipped and why.
+
+    `mode` is the inference mode of `metrics` and `grids` unless they are given another: "auto"
+    resolves to `self.mode`, per_image for a batch-norm generator and eval otherwise (see the
+    module docstring); `dropout=True` keeps dropout on (pix2pix's test script).
     """
 
     def __init__(self, spec, model_cfg, data_path, split="val", *, train_split="train", size=None,
                  max_images=64, label_domain="b", num_classes=0, cache_dir=None, s3_endpoint=None,
                  inception_path="", device="cpu", seed=0, diversity_samples=4, train_images=4000,
-                 classifier=None, pairs=256, swap_ab=False):  # fmt: skip
+                 classifier=None, pairs=256, swap_ab=False, mode="auto", dropout=False):  # fmt: skip
+        self.mode, self.dropout = resolve_mode(spec, model_cfg, mode), dropout
         self.swap_ab = swap_ab  # as the run's data.swap_ab: a and b (and their labels) trade places
         self.spec, self.cfg, self.device, self.seed = spec, model_cfg, torch.device(device), seed
         self.data_path, self.train_split, self.s3_endpoint = data_path, train_split, s3_endpoint
@@ -613,15 +620,17 @@ class Evaluator:
 
     # ------------------------------------------------------------------ translation
 
-    def _translate(self, nets, x, direction, z=None, batch_size=64):
-        """Outputs on the CPU; BicycleGAN gets z = 0 (its mean output) unless z is given."""
+    def _translate(self, nets, x, direction, mode, z=None, batch_size=64):
+        """Outputs on the CPU in inference `mode`; BicycleGAN gets z = 0 (its mean output) unless z
+        is given."""
         if z is None and self.spec.name == "bicyclegan":
             z = torch.zeros(len(x), self.cfg.nz)
+        run = lambda xi, zi: self.spec.translate(self.cfg, nets, xi, direction, zi)  # noqa: E731
         outs = []
         for i in range(0, len(x), batch_size):
             xi = x[i:i + batch_size].to(self.device)
             zi = None if z is None else z[i:i + batch_size].to(self.device)
-            outs.append(self.spec.translate(self.cfg, nets, xi, direction, zi))
+            outs.append(run_generator(run, nets, xi, zi, mode, self.dropout))
         return torch.cat(outs).float().cpu()
 
     def _random_z(self, n, offset=0):
@@ -629,40 +638,42 @@ class Evaluator:
         g = torch.Generator().manual_seed(self.seed + 1000 + offset)
         return torch.randn(n, self.cfg.nz, generator=g)
 
-    def _generate_pairs(self, nets, n):
+    def _generate_pairs(self, nets, n, mode):
         z, pairs = self._random_z(n), []
+        run = lambda _, zi: self.spec.translate(self.cfg, nets, None, "pair", zi)  # noqa: E731
         for i in range(0, n, 128):
-            x_a, x_b = self.spec.translate(self.cfg, nets, None, "pair", z[i:i + 128].to(self.device))
+            x_a, x_b = run_generator(run, nets, None, z[i:i + 128].to(self.device), mode, self.dropout)
             pairs.append((x_a.float().cpu(), x_b.float().cpu()))
         return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
 
     # ------------------------------------------------------------------ metrics
 
-    def metrics(self, nets, train_mode=False):
-        """{"eval/...": float} for the current nets; modes and buffers are left as found."""
+    def metrics(self, nets, mode=None):
+        """{"eval/...": float} for the current nets in inference `mode` (default `self.mode`, the
+        mode a user is served); modes and buffers are left as found."""
+        mode = self.mode if mode in (None, "auto") else mode
+        if self.spec.name == "cogan":
+            return self._cogan_metrics(nets, mode)
         out = {}
-        with eval_mode(nets, enabled=not train_mode):
-            if self.spec.name == "cogan":
-                return self._cogan_metrics(nets)
-            outputs = {d: self._translate(nets, self.data[d[0]], d) for d in self.directions}
-            if self.aligned:
-                for d, fake in outputs.items():
-                    out.update(self._paired_scores(d, fake, self.data[d[1]], "eval"))
-                if self.spec.name == "bicyclegan" and self.diversity_samples > 1:
-                    out["eval/diversity"] = diversity(self._z_samples(nets, self.data["a"]))
+        outputs = {d: self._translate(nets, self.data[d[0]], d, mode) for d in self.directions}
+        if self.aligned:
             for d, fake in outputs.items():
-                if d[1] in self.classifiers:  # is the digit still the same digit?
-                    labels = self.data[f"label_{d[0]}"]
-                    out[f"eval/label_acc_{d}"] = accuracy(self.classifiers[d[1]], fake, labels)
-            if set(outputs) == {"ab", "ba"}:
-                out["eval/cycle_l1_a"] = l1(self._translate(nets, outputs["ab"], "ba"), self.data["a"])
-                out["eval/cycle_l1_b"] = l1(self._translate(nets, outputs["ba"], "ab"), self.data["b"])
-            for d, fake in outputs.items():
-                out.update(self._fid(d, d[1], fake))
+                out.update(self._paired_scores(d, fake, self.data[d[1]], "eval"))
+            if self.spec.name == "bicyclegan" and self.diversity_samples > 1:
+                out["eval/diversity"] = diversity(self._z_samples(nets, self.data["a"], mode))
+        for d, fake in outputs.items():
+            if d[1] in self.classifiers:  # is the digit still the same digit?
+                labels = self.data[f"label_{d[0]}"]
+                out[f"eval/label_acc_{d}"] = accuracy(self.classifiers[d[1]], fake, labels)
+        if set(outputs) == {"ab", "ba"}:
+            out["eval/cycle_l1_a"] = l1(self._translate(nets, outputs["ab"], "ba", mode), self.data["a"])
+            out["eval/cycle_l1_b"] = l1(self._translate(nets, outputs["ba"], "ab", mode), self.data["b"])
+        for d, fake in outputs.items():
+            out.update(self._fid(d, d[1], fake))
         return out
 
-    def _z_samples(self, nets, x):
-        return [self._translate(nets, x, "ab", self._random_z(len(x), offset=k))
+    def _z_samples(self, nets, x, mode):
+        return [self._translate(nets, x, "ab", mode, self._random_z(len(x), offset=k))
                 for k in range(self.diversity_samples)]  # fmt: skip
 
     def _paired_scores(self, direction, fake, real, prefix):
@@ -677,9 +688,9 @@ class Evaluator:
             out.update({f"{prefix}/{k}_{direction}": v for k, v in scores.items()})
         return out
 
-    def _cogan_metrics(self, nets):
+    def _cogan_metrics(self, nets, mode):
         out = {}
-        x_a, x_b = self._generate_pairs(nets, self.pairs)
+        x_a, x_b = self._generate_pairs(nets, self.pairs, mode)
         if {"a", "b"} <= set(self.classifiers):
             cls_a, cls_b = self.classifiers["a"], self.classifiers["b"]
             out["eval/pair_agreement"] = pair_agreement(cls_a, cls_b, x_a, x_b)
@@ -733,21 +744,21 @@ class Evaluator:
 
     # ------------------------------------------------------------------ grids
 
-    def grids(self, nets, n=4, train_mode=False):
-        """{direction: 3×H×W grid} on the same first n eval images every time. BicycleGAN adds
-        "ab_z" (input | z = 0 | random z ...); CoGAN gives "pair" (x_a | x_b for fixed z)."""
+    def grids(self, nets, n=4, mode=None):
+        """{direction: 3×H×W grid} on the same first n eval images every time, in inference `mode`
+        (default `self.mode`). BicycleGAN adds "ab_z" (input | z = 0 | random z ...); CoGAN gives
+        "pair" (x_a | x_b for fixed z)."""
+        mode = self.mode if mode in (None, "auto") else mode
         if self.spec.name == "cogan":
-            with eval_mode(nets, enabled=not train_mode):
-                x_a, x_b = self._generate_pairs(nets, n)
+            x_a, x_b = self._generate_pairs(nets, n, mode)
             return {"pair": tile([to_rgb(x_a), to_rgb(x_b)])}
         grids, bicycle = {}, self.spec.name == "bicyclegan"
         for d in self.directions:
             x = self.data[d[0]][:n].to(self.device)
             z = torch.zeros(len(x), self.cfg.nz, device=self.device) if bicycle else None
-            grids[d] = translation_grid(self.spec, self.cfg, nets, x, d, z, train_mode)
+            grids[d] = translation_grid(self.spec, self.cfg, nets, x, d, z, mode, self.dropout)
         if bicycle and self.diversity_samples:
             x = self.data["a"][:n]
-            with eval_mode(nets, enabled=not train_mode):
-                columns = [x, self._translate(nets, x, "ab"), *self._z_samples(nets, x)]
+            columns = [x, self._translate(nets, x, "ab", mode), *self._z_samples(nets, x, mode)]
             grids["ab_z"] = tile([to_rgb(c) for c in columns])
         return grids

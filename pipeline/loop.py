@@ -401,19 +401,34 @@ def build_evaluator(cfg, spec, model_cfg, device, split: str):
 
 
 def evaluate(cfg, evaluator, nets, device, prefix: str) -> dict:
-    """Metrics in eval mode (the mode a user serves), and with eval.train_mode_too also in train
-    mode with the gap between them (seed 000), renamed from eval/ to `prefix`/."""
+    """Metrics in the mode a user is served (`evaluator.mode`: per_image for a batch-norm generator,
+    eval otherwise), renamed from eval/ to `prefix`/. A batch-norm generator also gets
+    `<prefix>_running_stats/` (eval mode: running statistics) and `<prefix>_running_stats_gap/`
+    (|per-image − running statistics|, seed 000). With eval.train_mode_too, `<prefix>_train_mode/`
+    (every layer in training mode over the eval batches) and `<prefix>_gap/`, its distance from
+    the eval-mode (running statistics) numbers."""
+    stem = prefix.rstrip("/")
     with rng_fork(device):
         metrics = evaluator.metrics(nets)
         out = {prefix + k.removeprefix("eval/"): v for k, v in metrics.items()}
+        running = metrics
+        if evaluator.mode != "eval":
+            running = evaluator.metrics(nets, mode="eval")
+            out.update(with_gaps(running, metrics, f"{stem}_running_stats", f"{stem}_running_stats_gap"))
         if cfg.eval.train_mode_too:
             with kept_buffers(nets):
-                train = evaluator.metrics(nets, train_mode=True)
-            for k, v in train.items():
-                name = k.removeprefix("eval/")
-                out[f"{prefix.rstrip('/')}_train_mode/{name}"] = v
-                if k in metrics:
-                    out[f"{prefix.rstrip('/')}_gap/{name}"] = abs(metrics[k] - v)
+                train = evaluator.metrics(nets, mode="train")
+            out.update(with_gaps(train, running, f"{stem}_train_mode", f"{stem}_gap"))
+    return out
+
+
+def with_gaps(metrics: dict, reference: dict, name: str, gap: str) -> dict:
+    """eval/x of `metrics` as `name`/x, and |reference − metrics| as `gap`/x where both have x."""
+    out = {}
+    for k, v in metrics.items():
+        out[f"{name}/{k.removeprefix('eval/')}"] = v
+        if k in reference:
+            out[f"{gap}/{k.removeprefix('eval/')}"] = abs(reference[k] - v)
     return out
 
 

@@ -11,7 +11,10 @@ MLflow puts the model's code folder first on sys.path and a copied `pipeline` wo
 caller's own.
 
 predict(model_input) takes float32 N×C×H×W in [-1, 1] (numpy) and returns float32 N×C'×H×W in
-[-1, 1], computed in eval mode without gradients:
+[-1, 1], computed without gradients in the generator's test-time mode (`models.norms`): a batch-norm
+generator translates each image alone, normalised by its own statistics (the pix2pix and DualGAN
+test scripts), so an output never depends on the rest of the batch; every other norm runs in eval
+mode. `model_config={"bn_mode": "eval"}` (or "per_image") chooses one outright.
 - BicycleGAN: z = zeros (the mean output) unless params={"z_seed": int} asks for z ~ N(0, I)
   drawn from that seed;
 - CoGAN generates rather than translates: model_input is z (float32 N×nz) and the output is the
@@ -28,6 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from models import MODELS
+from models.norms import inference_mode, run_generator
 
 
 def build_config(spec, config: dict):
@@ -35,13 +39,17 @@ def build_config(spec, config: dict):
     return spec.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
 
 
-def generate(spec, cfg, info: dict, net, x: torch.Tensor, z_seed: int | None = None) -> torch.Tensor:
-    """The served output for `x` (on the net's device): the contract above, without numpy."""
+def generate(spec, cfg, info: dict, net, x: torch.Tensor, z_seed: int | None = None,
+             bn_mode: str = "auto") -> torch.Tensor:
+    """The served output for `x` (on the net's device): the contract above, without numpy. The
+    net's flags and buffers are as before afterwards."""
     nets = {info["net"]: net}
-    with torch.no_grad():
-        if info["model"] == "cogan":
-            return torch.cat(spec.translate(cfg, nets, None, "pair", z=x), dim=1)
-        return spec.translate(cfg, nets, x, info["direction"], latent(cfg, info, x, z_seed))
+    mode = inference_mode(spec.generator_norm(cfg), bn_mode)
+    if info["model"] == "cogan":
+        pair = lambda _, z: torch.cat(spec.translate(cfg, nets, None, "pair", z=z), dim=1)  # noqa: E731
+        return run_generator(pair, net, None, x, mode)
+    run = lambda xi, zi: spec.translate(cfg, nets, xi, info["direction"], zi)  # noqa: E731
+    return run_generator(run, net, x, latent(cfg, info, x, z_seed), mode)
 
 
 def latent(cfg, info: dict, x: torch.Tensor, z_seed: int | None):
@@ -60,7 +68,10 @@ class ServedGenerator(mlflow.pyfunc.PythonModel):
             self.info = json.load(f)
         self.spec = MODELS[self.info["model"]]
         self.cfg = build_config(self.spec, self.info["config"])
-        self.device = torch.device((context.model_config or {}).get("device", "cpu"))
+        model_config = context.model_config or {}
+        self.device = torch.device(model_config.get("device", "cpu"))
+        self.bn_mode = model_config.get("bn_mode", "auto")
+        inference_mode(self.spec.generator_norm(self.cfg), self.bn_mode)  # an unknown mode fails here
         net = self.spec.build_nets(self.cfg)[self.info["net"]]
         net.load_state_dict(load_file(context.artifacts["weights"]))
         self.net = net.to(self.device).eval()
@@ -68,7 +79,8 @@ class ServedGenerator(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: np.ndarray, params=None):  # the hint silences MLflow's nudge
         x = torch.from_numpy(np.ascontiguousarray(model_input, dtype=np.float32)).to(self.device)
         z_seed = (params or {}).get("z_seed")
-        return generate(self.spec, self.cfg, self.info, self.net, x, z_seed).float().cpu().numpy()
+        out = generate(self.spec, self.cfg, self.info, self.net, x, z_seed, self.bn_mode)
+        return out.float().cpu().numpy()
 
 
 # MLflow reads the model from this call when it runs the file; importing the module elsewhere

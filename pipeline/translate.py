@@ -5,8 +5,12 @@ Three layers, so that the core also runs where Ray does not (a bare GPU box, the
 - the plain-torch core: `load_model` (driver side: a registered model, a run's model or a training
   checkpoint -> `ModelPayload`: weights, config, training image size and lineage) and `Translator`
   (holds the net once; resizes a batch of decoded images to the model's size and channels,
-  translates in eval mode, or in train mode with flags and buffers restored, and brings each
-  output back to its input's size);
+  translates in the inference mode `bn_mode` asks for, and brings each output back to its
+  input's size). bn_mode "auto" (the default) follows the papers' test scripts: a batch-norm
+  generator translates each image alone, normalised by its own statistics, so an output never
+  depends on the rest of its batch; any other norm runs in eval mode. "per_image", "eval"
+  (running statistics) and "train" (batch statistics over the batch, dropout on; flags and
+  buffers restored) choose one outright (`models.norms`);
 - the job: `plan` lists the inputs (a Parquet dataset made by prepare_data.py, or a folder of
   images read as ingest would read them; local or s3://), hashes them and keeps only the
   (input, sample) pairs the output manifest does not list yet; `BatchTranslator` reads, decodes,
@@ -51,9 +55,10 @@ from tqdm import tqdm
 
 from models import MODELS
 from models.bicyclegan import interpolation_z
+from models.norms import inference_mode, run_generator
 from pipeline import data, images, storage
 from pipeline.config import from_dict, to_dict
-from pipeline.evaluation import eval_mode, to_rgb
+from pipeline.evaluation import to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +67,7 @@ KIND = "transmute.translations"
 RUN_FILE = ".translate-run.json"  # the run writing the folder now (hidden: never taken for an output)
 SCHEMA_VERSION = 1
 FORMATS = {"png": ".png", "jpeg": ".jpg", "parquet": ".parquet"}
-BN_MODES = ("eval", "train")
+BN_MODES = ("auto", "per_image", "eval", "train")
 Z_MODES = ("random", "linear", "zero")
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".parquet")  # what a run may remove when unlisted
 PNG_LEVEL = 3  # zlib level: about twice as fast as pillow's default 6, for a few % more bytes
@@ -197,14 +202,18 @@ class Translator:
 
     Inputs are resized (bicubic, as at ingest) to the model's training size and given as float
     N×C×S×S in [-1, 1]; outputs come back as uint8 N×S×S×C, or each at its input's size. On a GPU
-    the net runs in channels-last layout under bf16 autocast."""
+    the net runs in channels-last layout under bf16 autocast. `bn_mode` is the inference mode
+    (`mode` holds it resolved for this model); `dropout=True` keeps dropout on (pix2pix's test
+    script), so outputs then vary from call to call."""
 
-    def __init__(self, payload: ModelPayload, device="cpu", bn_mode: str = "eval", bf16: bool = True):
+    def __init__(self, payload: ModelPayload, device="cpu", bn_mode: str = "auto", bf16: bool = True,
+                 dropout: bool = False):
         if bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
-        self.payload, self.bn_mode, self.size = payload, bn_mode, payload.size
+        self.payload, self.bn_mode, self.size, self.dropout = payload, bn_mode, payload.size, dropout
         self.spec = MODELS[payload.model_name]
         self.cfg = from_dict(self.spec.Config, payload.config)
+        self.mode = resolved_mode(payload, bn_mode)
         self.device = torch.device(device)
         net = self.spec.build_nets(self.cfg)[payload.net_name]
         net.load_state_dict(payload.weights)
@@ -226,13 +235,13 @@ class Translator:
         return x.contiguous(memory_format=torch.channels_last if self.cuda else torch.contiguous_format)
 
     def forward(self, x: torch.Tensor | None, z: torch.Tensor | None = None) -> torch.Tensor:
-        """The model's translation (CoGAN: its pair, a|b side by side) in the chosen mode. Train
-        mode (seed 000's comparison) puts every flag and batch-norm buffer back afterwards."""
+        """The model's translation (CoGAN: its pair, a|b side by side) in the chosen mode. Every
+        flag and batch-norm buffer is as before afterwards (train mode included)."""
         if z is not None:
             z = z.to(self.device)
-        with eval_mode(self.net, enabled=self.bn_mode == "eval"), \
-                torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            y = self.spec.translate(self.cfg, self.nets, x, self.payload.direction, z)
+        run = lambda xi, zi: self.spec.translate(self.cfg, self.nets, xi, self.payload.direction, zi)  # noqa: E731
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
+            y = run_generator(run, self.net, x, z, self.mode, self.dropout)
         return side_by_side(*y) if isinstance(y, tuple) else y
 
     @staticmethod
@@ -251,6 +260,12 @@ class Translator:
     def generate(self, z: torch.Tensor) -> list[np.ndarray]:
         """CoGAN: one a|b pair per row of z."""
         return list(self.to_pixels(self.forward(None, z)))
+
+
+def resolved_mode(payload: ModelPayload, bn_mode: str) -> str:
+    """per_image | eval | train: `bn_mode` for this model ("auto" picks by the generator's norm)."""
+    spec = MODELS[payload.model_name]
+    return inference_mode(spec.generator_norm(from_dict(spec.Config, payload.config)), bn_mode)
 
 
 def side_by_side(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -328,10 +343,11 @@ class Settings:
     """What an output depends on besides the model; a change redoes the outputs."""
 
     format: str = "png"
-    bn_mode: str = "eval"
+    bn_mode: str = "auto"  # one of BN_MODES
     z_mode: str = "random"  # BicycleGAN
     seed: int = 0
     keep_size: bool = True
+    dropout: bool = False  # pix2pix's test script: dropout on at test time
 
     def check(self, model_name: str, samples: int) -> None:
         problems = [
@@ -384,15 +400,24 @@ class Job:
             z["samples"] = self.samples  # the grid's points depend on K
         payload, settings = self.payload, self.settings
         parts = {"model": payload.info.key, "direction": payload.direction, "size": payload.size,
-                 "half": self.half, "format": settings.format, "bn_mode": settings.bn_mode,
+                 "half": self.half, "format": settings.format, "bn_mode": self.bn_mode,
                  "keep_size": settings.keep_size, **z}
+        if settings.dropout:  # only then, so that folders made before the option keep their key
+            parts["dropout"] = True
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def bn_mode(self) -> str:
+        """The inference mode the outputs are made in: settings.bn_mode resolved for the model, so
+        that "auto" and the mode it stands for make the same outputs under the same key."""
+        return resolved_mode(self.payload, self.settings.bn_mode)
 
     def lineage(self) -> dict:
         info = self.payload.info
         return {"model": info.name, "model_version": info.version, "run_id": info.run_id,
                 "model_uri": info.uri, "model_key": info.key, "model_type": self.payload.model_name,
-                "direction": self.payload.direction, "bn_mode": self.settings.bn_mode, "job_key": self.key}
+                "direction": self.payload.direction, "bn_mode": self.bn_mode,
+                "dropout": self.settings.dropout, "job_key": self.key}
 
 
 class BatchTranslator:
@@ -402,7 +427,8 @@ class BatchTranslator:
 
     def __init__(self, job: Job):
         self.job, self.lineage = job, job.lineage()
-        self.translator = Translator(job.payload, job.device, job.settings.bn_mode, job.bf16)
+        self.translator = Translator(job.payload, job.device, job.settings.bn_mode, job.bf16,
+                                     job.settings.dropout)
         self.pool = ThreadPoolExecutor(job.io_workers) if job.io_workers > 1 else None
 
     def __call__(self, batch: dict) -> dict:

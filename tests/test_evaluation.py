@@ -5,6 +5,7 @@ import glob
 import math
 import os
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 from tiny import tiny_model
 
+from models.norms import per_image
 from pipeline import data
 from pipeline import evaluation as ev
 
@@ -278,16 +280,49 @@ def test_evaluator_on_facades_with_a_tiny_cyclegan(facades):
     assert evaluator.metrics(nets) == metrics  # eval mode: deterministic
 
 
-def test_train_mode_differs_for_batch_norm_and_leaves_the_statistics(facades):
+def test_batch_norm_is_evaluated_per_image_and_modes_leave_the_statistics(facades):
     spec, cfg, nets, _ = tiny_model("dualgan", norm="batch", use_dropout=False)
     nets.train()
-    running = {k: v.clone() for k, v in nets.state_dict().items() if "running" in k}
+    with torch.no_grad():  # running statistics away from their initial 0 and 1
+        spec.translate(cfg, nets, torch.rand(4, 3, 32, 32) * 2 - 1, "ab")
+    state = {k: v.clone() for k, v in nets.state_dict().items()}
     evaluator = ev.Evaluator(spec, cfg, facades, "test", size=32, label_domain="")
-    in_train, in_eval = evaluator.metrics(nets, train_mode=True), evaluator.metrics(nets)
-    assert abs(in_train["eval/l1_ab"] - in_eval["eval/l1_ab"]) > 1e-4
-    assert all(torch.equal(v, nets.state_dict()[k]) for k, v in running.items())
+    assert evaluator.mode == "per_image"
+    served, running, train = (evaluator.metrics(nets, mode) for mode in (None, "eval", "train"))
+    # the default is the per-image function's output: each image alone, its own statistics
+    x, y = evaluator.data["a"], evaluator.data["b"]
+    alone = per_image(lambda xi, _: spec.translate(cfg, nets, xi, "ab"), x)  # train mode at batch 1
+    nets.load_state_dict(state)
+    assert served["eval/l1_ab"] == ev.l1(alone, y) and len(x) > 1
+    assert abs(served["eval/l1_ab"] - running["eval/l1_ab"]) > 1e-4
+    assert train["eval/l1_ab"] != served["eval/l1_ab"]
+    assert evaluator.metrics(nets) == served
+    grid = evaluator.grids(nets, n=2)["ab"]
+    assert torch.equal(grid[:, 2:34, 36:68], alone[0])  # the grid's output column, per image too
+    assert all(torch.equal(v, nets.state_dict()[k]) for k, v in state.items())
     assert all(m.training for m in nets.modules())
-    assert not any(k.startswith("eval/pixel_acc") for k in in_eval)
+    assert not any(k.startswith("eval/pixel_acc") for k in served)
+
+
+def test_loop_logs_per_image_and_running_statistics_for_batch_norm_only(facades):
+    from pipeline.loop import evaluate
+
+    cfg = types.SimpleNamespace(eval=types.SimpleNamespace(train_mode_too=True))
+    out = {}
+    for norm in ("batch", "instance"):
+        spec, model_cfg, nets, _ = tiny_model("pix2pix", norm=norm, use_dropout=False)
+        evaluator = ev.Evaluator(spec, model_cfg, facades, "test", size=32, label_domain="")
+        out[norm] = evaluate(cfg, evaluator, nets, torch.device("cpu"), "test/")
+        assert out[norm]["test/l1_ab"] == evaluator.metrics(nets)["eval/l1_ab"]
+        assert out[norm]["test_train_mode/l1_ab"] == evaluator.metrics(nets, "train")["eval/l1_ab"]
+    batch, instance = out["batch"], out["instance"]
+    running = batch["test_running_stats/l1_ab"]
+    assert batch["test_running_stats_gap/l1_ab"] == pytest.approx(abs(batch["test/l1_ab"] - running))
+    assert batch["test_gap/l1_ab"] == pytest.approx(abs(running - batch["test_train_mode/l1_ab"]))
+    assert batch["test_running_stats_gap/l1_ab"] > 1e-4
+    assert not any(k.startswith("test_running_stats") for k in instance)
+    assert instance["test_gap/l1_ab"] == pytest.approx(
+        abs(instance["test/l1_ab"] - instance["test_train_mode/l1_ab"]))
 
 
 def test_bicyclegan_uses_mean_z_and_measures_diversity(facades):
@@ -332,8 +367,8 @@ def test_cogan_pair_agreement(digit_eval, digits):
     metrics = evaluator.metrics(nets)
     assert set(metrics) == {"eval/pair_agreement"} and 0 <= metrics["eval/pair_agreement"] <= 1
     assert evaluator.metrics(nets) == metrics  # a fixed seeded z
-    with ev.eval_mode(nets):
-        x_a, x_b = evaluator._generate_pairs(nets, 64)
+    assert evaluator.mode == "eval"  # CoGAN generates from z: its batch norms use running statistics
+    x_a, x_b = evaluator._generate_pairs(nets, 64, "eval")
     cls_a, cls_b = evaluator.classifiers["a"], evaluator.classifiers["b"]
     assert metrics["eval/pair_agreement"] == ev.pair_agreement(cls_a, cls_b, x_a, x_b)
     assert set(evaluator.baselines()) == {"ceiling/classifier_acc_a", "ceiling/classifier_acc_b"}

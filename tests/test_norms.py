@@ -1,8 +1,20 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from models.norms import BatchRenorm2d, norm_layer, renorm_limits, set_renorm_limits
+from models import MODELS
+from models.layers import UnetGenerator
+from models.norms import (
+    BatchRenorm2d,
+    inference_mode,
+    norm_layer,
+    per_image_batch_norm,
+    renorm_limits,
+    run_generator,
+    set_renorm_limits,
+)
 
 
 def batch(seed=0, shape=(8, 3, 5, 5), scale=2.0, shift=1.0):
@@ -150,3 +162,81 @@ def test_norm_layer_by_name():
     assert isinstance(norm_layer("none", 4), nn.Identity)
     with pytest.raises(ValueError, match="batch, batch_renorm, instance, none"):
         norm_layer("group", 4)
+
+
+# ----------------------------------------------------------------------------- inference modes
+
+
+def unet(norm="batch", num_downs=5, dropout=False):
+    """A tiny U-Net whose running statistics have moved away from their initial 0 and 1."""
+    torch.manual_seed(0)
+    net = UnetGenerator(3, 3, num_downs=num_downs, ngf=4, norm=norm, use_dropout=dropout)
+    with torch.no_grad():
+        net.train()(batch(9, (4, 3, 2**num_downs, 2**num_downs)))
+    return net
+
+
+def apply(net):
+    return lambda x, z: net(x)
+
+
+def test_per_image_output_does_not_depend_on_the_batch():
+    net, x = unet(), batch(1, (4, 3, 32, 32))
+    together = run_generator(apply(net), net, x, mode="per_image")
+    alone = run_generator(apply(net), net, x[2:3], mode="per_image")
+    others = run_generator(apply(net), net, torch.cat([x[2:3], batch(5, (3, 3, 32, 32))]), mode="per_image")
+    assert torch.equal(together[2:3], alone) and torch.equal(others[:1], alone)
+    # it is batch norm in training mode on the image alone (the papers' test scripts at batch 1) ...
+    reference = copy.deepcopy(net).train()
+    with torch.no_grad():
+        torch.testing.assert_close(alone, reference(x[2:3]))
+    # ... which neither running statistics nor the statistics of the whole batch give
+    assert (together - run_generator(apply(net), net, x, mode="eval")).abs().mean() > 1e-3
+    assert (together - run_generator(apply(net), net, x, mode="train")).abs().mean() > 1e-3
+
+
+def test_per_image_inference_leaves_buffers_and_flags_as_found():
+    net, x = unet(), batch(1, (3, 3, 32, 32))
+    net.eval()
+    net.up[1].train()  # a mixed pattern: each flag must come back, not one for all
+    flags = [(m.training, getattr(m, "track_running_stats", None)) for m in net.modules()]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    for mode in ("per_image", "train"):
+        run_generator(apply(net), net, x, mode=mode)
+        with per_image_batch_norm(net):
+            assert all(m.training and not m.track_running_stats
+                       for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+            net(x)
+        assert [(m.training, getattr(m, "track_running_stats", None)) for m in net.modules()] == flags
+        assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items()), mode
+    assert any("num_batches_tracked" in k for k in before)
+
+
+def test_dropout_is_off_at_test_unless_asked():
+    net, x = unet(num_downs=6, dropout=True), batch(1, (2, 3, 64, 64))
+    assert any(isinstance(m, nn.Dropout) for m in net.modules())
+    first, second = (run_generator(apply(net), net, x, mode="per_image") for _ in range(2))
+    assert torch.equal(first, second)
+    torch.manual_seed(1)
+    noisy = run_generator(apply(net), net, x, mode="per_image", dropout=True)
+    assert (noisy - first).abs().mean() > 1e-3  # pix2pix's test-time dropout
+    assert all(m.training for m in net.modules())  # unet() left it in train mode
+
+
+def test_auto_is_per_image_for_batch_norm_only():
+    assert inference_mode("batch") == "per_image"
+    assert [inference_mode(k) for k in ("batch_renorm", "instance", "none", None)] == ["eval"] * 4
+    assert inference_mode("batch", "eval") == "eval" and inference_mode("instance", "train") == "train"
+    with pytest.raises(ValueError, match="per_image"):
+        inference_mode("batch", "sample")
+    x = batch(1, (3, 3, 32, 32))
+    for norm in ("batch_renorm", "instance"):
+        net = unet(norm)
+        out = run_generator(apply(net), net, x, mode=inference_mode(norm))
+        with torch.no_grad():
+            assert torch.equal(out, copy.deepcopy(net).eval()(x)), norm
+    # CoGAN generates from z: not an image-to-image generator, so none of its norms is per image
+    cogan = MODELS["cogan"]
+    assert cogan.generator_norm(cogan.Config()) is None
+    dualgan = MODELS["dualgan"]
+    assert dualgan.generator_norm(dualgan.Config(norm="batch")) == "batch"

@@ -78,6 +78,8 @@ def test_every_quick_recipe_trains_evaluates_and_registers(name, real_ingests, h
     assert key in metrics and np.isfinite(metrics[key]), (key, sorted(metrics))
     if name.startswith("dualgan"):  # seed 000: train-mode metrics and the gap beside eval mode
         assert "test_train_mode/psnr_ab" in metrics and "test_gap/psnr_ab" in metrics
+        # batch norm: served per image, with the running-statistics numbers and their gap beside
+        assert "test_running_stats/psnr_ab" in metrics and "test_running_stats_gap/psnr_ab" in metrics
     versions = client.search_model_versions(f"name LIKE '{name}-%'")
     assert versions, "no generator was registered"
 

@@ -43,7 +43,7 @@ def test_eval_mode_differs_from_train_mode_with_batch_norm_only():
         torch.manual_seed(0)
         cfg = spec.Config(ngf=4, ndf=4, num_downs=5, norm=norm, use_dropout=False)
         nets = spec.build_nets(cfg)
-        train_out = translation_grid(spec, cfg, nets, x, "ab", train_mode=True)
-        eval_out = translation_grid(spec, cfg, nets, x, "ab")
+        train_out = translation_grid(spec, cfg, nets, x, "ab", mode="train")
+        eval_out = translation_grid(spec, cfg, nets, x, "ab", mode="eval")
         gaps[norm] = (train_out - eval_out).abs().mean().item()
     assert gaps["batch"] > 1e-3 and gaps["instance"] < 1e-6, gaps

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,41 @@ def test_train_bn_mode_differs_from_eval_and_restores_flags_and_statistics():
     assert all(torch.equal(before[k], v) for k, v in core.net.state_dict().items())
     eval_out = Translator(payload, bn_mode="eval").translate(x)
     assert np.abs(train_out[0].astype(int) - eval_out[0]).mean() > 0.5
+
+
+def test_auto_bn_mode_translates_batch_norm_per_image_and_others_in_eval_mode():
+    x = [np.random.default_rng(k).integers(0, 256, (32, 32, 3), dtype=np.uint8) for k in range(4)]
+    payload = tiny_payload("dualgan", norm="batch", use_dropout=False)
+    core = Translator(payload)
+    assert core.mode == "per_image"
+    batched = core.translate(x)
+    # each output is image i translated alone in training mode: the papers' test at batch 1
+    alone = [Translator(payload, bn_mode="train").translate([p])[0] for p in x]
+    assert all(np.array_equal(b, a) for b, a in zip(batched, alone, strict=True))
+    assert np.array_equal(core.translate(x[2:3])[0], batched[2])
+    assert np.abs(batched[0].astype(int) - Translator(payload, bn_mode="eval").translate(x)[0]).mean() > 0.5
+    # the served model serves the same, whatever else is in its batch
+    info = {"model": "dualgan", "direction": "ab", "net": payload.net_name}
+    served = served_generator.generate(core.spec, core.cfg, info, core.net, core.to_tensor(x))
+    np.testing.assert_array_equal(core.to_pixels(served), np.stack(batched))
+    assert not any(m.training for m in core.net.modules())
+    renorm = Translator(tiny_payload("dualgan", norm="batch_renorm", use_dropout=False))
+    assert renorm.mode == "eval" and Translator(tiny_payload("cogan")).mode == "eval"
+
+
+def test_no_ray_job_translates_a_batch_norm_model_per_image(tmp_path):
+    payload = tiny_payload("pix2pix", norm="batch", use_dropout=False)
+    model = model_dir(tmp_path / "model", payload)
+    inputs = photo_folder(tmp_path / "in", n=3)
+    out = tmp_path / "out"
+    assert run_cli("--model", model, "--size", 32, "--input", inputs, "--output", out, "--no-ray") == 0
+    manifest = translate.load_manifest(str(out))
+    assert {e["bn_mode"] for e in manifest["entries"].values()} == {"per_image"}
+    alone = Translator(replace(payload, size=32), bn_mode="train")  # batch norm on one image at a time
+    for entry in manifest["entries"].values():
+        pixels = translate.decode_input((inputs / entry["input_id"]).read_bytes(), 3)
+        with Image.open(out / entry["file"]) as img:
+            np.testing.assert_array_equal(np.asarray(img), alone.translate([pixels])[0])
 
 
 def test_bicyclegan_z_seeds_reproduce_with_the_served_model():
