@@ -102,7 +102,7 @@ def test_mnist_judge_reads_real_test_digits(mnist2mnistm):
     """The default recipe on the 3600 MNIST training digits: >= 0.97 on the 1000 test digits."""
     train, test = mnist2mnistm["train"], mnist2mnistm["test"]
     net = judges.train_classifier(train["a"], train["label_a"], **judges.DIGIT_RECIPE)
-    assert judges.accuracy(net, test["a"], test["label_a"]) >= 0.97  # 0.98 when written
+    assert judges.accuracy(net, test["a"], test["label_a"]) >= 0.97  # 0.984 when written
 
 
 @pytest.mark.integration
