@@ -78,8 +78,9 @@ def scorecard(recipe: str, metrics: dict) -> list[dict]:
     rows = []
     for name, floor, ceiling, target, better in SCORES[family(recipe)]:
         got, low = metrics.get(name), value(metrics, floor)
-        beats_floor = None if got is None or low is None else (got > low if better == "higher" else got < low)
-        meets = None if got is None or target is None else (got >= target if better == "higher" else got <= target)
+        higher = better == "higher"
+        beats_floor = None if got is None or low is None else (got > low if higher else got < low)
+        meets = None if got is None or target is None else (got >= target if higher else got <= target)
         rows.append({"metric": name, "value": got, "floor": low, "ceiling": value(metrics, ceiling),
                      "target": target, "better": better, "beats_floor": beats_floor, "meets_target": meets})
     return rows
@@ -89,7 +90,8 @@ def run_with_ray(recipe: str, minutes: float | None, overrides: list[str], home:
     """jobs/train.py as a user runs it; wall time from the command's start to its exit."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "metrics.json")
-        command = [sys.executable, os.path.join(REPO, "jobs", "train.py"), "--recipe", recipe, "--metrics-json", out]
+        command = [sys.executable, os.path.join(REPO, "jobs", "train.py"), "--recipe", recipe,
+                   "--metrics-json", out]
         command += ["--minutes", str(minutes)] if minutes else []
         command += ["--set", *overrides] if overrides else []
         env = {**os.environ, **({"TRANSMUTE_HOME": home} if home else {})}
@@ -104,7 +106,8 @@ def run_with_ray(recipe: str, minutes: float | None, overrides: list[str], home:
             "metrics": result["metrics"]}
 
 
-def run_plain(recipe: str, minutes: float | None, overrides: list[str], home: str | None, device: str) -> dict:
+def run_plain(recipe: str, minutes: float | None, overrides: list[str], home: str | None,
+              device: str) -> dict:
     """The plain loop in this process, no MLflow, no Ray: for machines without them (the GPU box)."""
     start = time.time()
     from jobs.recipes import recipe as load_recipe
@@ -155,7 +158,8 @@ def table(results: list[dict]) -> str:
     for r in results:
         for s in r["scores"]:
             mark = "" if s["meets_target"] is None else (" ✓" if s["meets_target"] else " ✗")
-            lines.append(f"| {r['recipe']} | {r['wall_s'] / 60:.1f} min | {fmt(r['steps'])} | {s['metric']} | "
+            lines.append(f"| {r['recipe']} | {r['wall_s'] / 60:.1f} min | {fmt(r['steps'])} | "
+                         f"{s['metric']} | "
                          f"{fmt(s['value'])}{mark} | {fmt(s['floor'])} | {fmt(s['ceiling'])} | "
                          f"{fmt(s['target'])} | {r['commit']} |")
     return "\n".join(lines)

@@ -26,7 +26,6 @@ palettes, digit classifiers, baselines) and the choice of metrics for a model an
 `baseline/...` (a trivial predictor) and `ceiling/...` (the metric's own limit) put them in scale.
 """
 
-import math
 import os
 from contextlib import contextmanager
 
@@ -34,10 +33,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
 from models.norms import inference, inference_mode, run_generator
 from pipeline.data import LocalReader, read_manifest
+from pipeline.judges import (  # noqa: F401  (DigitClassifier, predict: part of this module's API)
+    COLOUR_RECIPE,
+    DIGIT_RECIPE,
+    REALISM_RECIPE,
+    DigitClassifier,
+    accuracy,
+    load_classifier,
+    pair_agreement,
+    predict,
+    realism,
+    recipe_key,
+    save_classifier,
+    tint,
+    train_classifier,
+    train_realism_judge,
+)
 
 # ============================================================================= sampling and grids
 
@@ -288,100 +302,6 @@ def segmentation_scores(pred, true, num_classes):
     }
 
 
-# ============================================================================= digit classifier
-
-
-class DigitClassifier(nn.Module):
-    """Three convolutions and a linear layer: enough to read digits at 28–32 px in seconds on CPU.
-    No batch norm or dropout, so train and eval mode compute the same thing."""
-
-    def __init__(self, channels=1, size=28, num_classes=10, width=32):
-        super().__init__()
-        self.channels, self.size = channels, size
-        conv = lambda c_in, c_out: nn.Conv2d(c_in, c_out, 3, padding=1)  # noqa: E731
-        self.features = nn.Sequential(
-            conv(channels, width), nn.ReLU(), nn.MaxPool2d(2),
-            conv(width, 2 * width), nn.ReLU(), nn.MaxPool2d(2),
-            conv(2 * width, 4 * width), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-        )  # fmt: skip
-        self.head = nn.Linear(4 * width * 16, num_classes)
-
-    def forward(self, x):
-        if x.shape[1:] != (self.channels, self.size, self.size):
-            raise ValueError(
-                f"classifier takes {self.channels}×{self.size}×{self.size} images, got {tuple(x.shape[1:])}"
-            )
-        return self.head(self.features(x))
-
-
-def train_classifier(images, labels, *, epochs=2, batch_size=64, min_steps=100, width=32, seed=0,
-                     device="cpu"):  # fmt: skip
-    """A DigitClassifier for N×C×H×W images in [-1, 1] and int labels, trained with Adam for
-    `epochs` passes (at least `min_steps` steps). Returned in eval mode on `device`."""
-    labels, generator = torch.as_tensor(labels).long(), torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-        torch.manual_seed(seed)
-        net = DigitClassifier(images.shape[1], images.shape[-1], int(labels.max()) + 1, width).to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
-    steps = max(min_steps, epochs * math.ceil(len(images) / batch_size))
-    order = torch.zeros(0, dtype=torch.long)
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order = torch.cat([order, torch.randperm(len(images), generator=generator)])
-        batch, order = order[:batch_size], order[batch_size:]
-        loss = F.cross_entropy(net(images[batch].to(device)), labels[batch].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return net.eval()
-
-
-def predict(classifier, images, batch_size=256):
-    """Class index per image (int64, on the CPU)."""
-    device = next(classifier.parameters()).device
-    with torch.no_grad():
-        return torch.cat([
-            classifier(images[i:i + batch_size].to(device)).argmax(1).cpu()
-            for i in range(0, len(images), batch_size)
-        ])  # fmt: skip
-
-
-def accuracy(classifier, images, labels):
-    return (predict(classifier, images) == torch.as_tensor(labels).cpu()).double().mean().item()
-
-
-def pair_agreement(cls_a, cls_b, x_a, x_b):
-    """Fraction of generated pairs whose two images the two domain classifiers put in one class
-    (CoGAN: the coupled generators should draw the same digit in both domains)."""
-    return (predict(cls_a, x_a) == predict(cls_b, x_b)).double().mean().item()
-
-
-def save_classifier(classifier, path):
-    """safetensors file written to a temp name, then renamed: readers never see half a file."""
-    from safetensors.torch import save_file
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    state = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
-    width = classifier.features[0].out_channels
-    meta = {"channels": classifier.channels, "size": classifier.size, "width": width,
-            "classes": classifier.head.out_features}  # fmt: skip
-    save_file(state, tmp, metadata={k: str(v) for k, v in meta.items()})
-    os.replace(tmp, path)
-    return path
-
-
-def load_classifier(path, device="cpu"):
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(path, "pt") as f:
-        meta = {k: int(v) for k, v in f.metadata().items()}
-    net = DigitClassifier(meta["channels"], meta["size"], meta["classes"], meta["width"])
-    net.load_state_dict(load_file(path))
-    return net.to(device).eval()
-
-
 # ============================================================================= FID and KID
 
 
@@ -455,9 +375,6 @@ FID_SKIPPED = ("FID/KID skipped: set eval.inception_path to a TorchScript Incept
                "e.g. inception-2015-12-05.pt; nothing is downloaded")  # fmt: skip
 
 
-CLASSIFIER = {"epochs": 2, "min_steps": 100, "width": 32}  # about 5 s on 2 CPU cores for 4000 images
-
-
 SWAP = {"a": "b", "b": "a", "label_a": "label_b", "label_b": "label_a"}
 
 
@@ -466,10 +383,12 @@ class Evaluator:
 
     Construction does the one-off work: read the first `max_images` of `split` (unaugmented, in the
     reader's seeded order, so a class-ordered set still gives a mixed sample), scan the training
-    split for mean images and the label palette (aligned data), and train or load the digit
-    classifiers (labelled data; up to `train_images` per domain, trained with `classifier`
-    settings over CLASSIFIER, cached in `cache_dir` as safetensors when given). `metrics(nets)`
-    then only translates and scores. `notes` says what was skipped and why.
+    split for mean images and the label palette (aligned data), and train or load the judges
+    (labelled data, see pipeline.judges; up to `train_images` per domain, trained with the
+    `classifier` settings over DIGIT_RECIPE (+ COLOUR_RECIPE for colour domains) and the `realism`
+    settings over REALISM_RECIPE, cached in `cache_dir` as safetensors when given, under a name
+    with the data's content hash and the recipe's hash). `metrics(nets)` then only translates and
+    scores. `notes` says what was skipped and why, and each judge's accuracy on the real images.
 
     `mode` is the inference mode of `metrics` and `grids` unless they are given another: "auto"
     resolves to `self.mode`, per_image for a batch-norm generator and eval otherwise (see the
@@ -479,14 +398,16 @@ class Evaluator:
     def __init__(self, spec, model_cfg, data_path, split="val", *, train_split="train", size=None,
                  max_images=64, label_domain="b", num_classes=0, cache_dir=None, s3_endpoint=None,
                  inception_path="", device="cpu", seed=0, diversity_samples=4, train_images=4000,
-                 classifier=None, pairs=256, swap_ab=False, mode="auto", dropout=False):  # fmt: skip
+                 classifier=None, realism=None, pairs=256, swap_ab=False, mode="auto",
+                 dropout=False):  # fmt: skip
         self.mode, self.dropout = resolve_mode(spec, model_cfg, mode), dropout
         self.swap_ab = swap_ab  # as the run's data.swap_ab: a and b (and their labels) trade places
         self.spec, self.cfg, self.device, self.seed = spec, model_cfg, torch.device(device), seed
         self.data_path, self.train_split, self.s3_endpoint = data_path, train_split, s3_endpoint
         self.size = size or getattr(model_cfg, "image_size", None)  # CoGAN generates at a fixed size
         self.train_images, self.cache_dir = train_images, cache_dir
-        self.classifier_settings = {**CLASSIFIER, **(classifier or {}), "seed": seed}
+        self.classifier_settings = {**(classifier or {}), "seed": seed}  # over the domain's recipe
+        self.realism_settings = {**REALISM_RECIPE, **(realism or {}), "seed": seed}
         self.diversity_samples, self.pairs = diversity_samples, pairs
         self.manifest = read_manifest(data_path, s3_endpoint)
         self.channels = {"a": model_cfg.channels_a, "b": model_cfg.channels_b}
@@ -496,6 +417,7 @@ class Evaluator:
         self.data = self._read(split, max_images)
         self.mean_images, self.palette, self.class_counts = {}, None, None
         self.classifiers, self.classifier_files = {}, {}
+        self.realism_judges, self.judge_accuracy = {}, {}
         self.label_direction = self._label_direction(label_domain, num_classes)
         self.num_classes = num_classes
         if self.aligned:
@@ -585,27 +507,68 @@ class Evaluator:
         size, train = sizes.pop(), {}
         for d in wanted:
             self.classifiers[d] = self._classifier(d, size, train)
+        for d, net in self.classifiers.items():  # each figure's ceiling: the judge on real images
+            self.judge_accuracy[d] = accuracy(net, self.data[d], self.data[f"label_{d}"])
+            self.notes.append(f"classifier {d}: accuracy {self.judge_accuracy[d]:.4f} on "
+                              f"{len(self.data[d])} real images of this split")  # fmt: skip
+        for d in self.directions:
+            if self.channels[d[0]] == 1 and self.channels[d[1]] == 3:  # gray → colour (MNIST → MNIST-M)
+                self.realism_judges[d] = self._realism_judge(d, size, train)
+
+    def _cache_path(self, name, size, recipe):
+        """The judge's file in cache_dir: the data's content hash, what it reads, and the recipe's hash."""
+        if not self.cache_dir:
+            return None
+        key = (f"{name}-{self.manifest['content_hash'][:16]}-s{size}-n{self.train_images}"
+               f"-{recipe_key(recipe)}")  # fmt: skip
+        return os.path.join(self.cache_dir, key + ".safetensors")
+
+    def _cached_or_trained(self, label, path, fit, recipe):
+        if path and os.path.isfile(path):
+            self.notes.append(f"{label}: loaded {path}")
+            return load_classifier(path, self.device), path
+        net = fit()
+        self.notes.append(f"{label}: trained, {f'saved {path}' if path else 'not kept (no cache_dir)'}")
+        return net, (save_classifier(net, path, recipe) if path else None)
+
+    def classifier_recipe(self, domain):
+        colour = COLOUR_RECIPE if self.channels[domain] == 3 else {}
+        return {**DIGIT_RECIPE, **colour, **self.classifier_settings}
 
     def _classifier(self, domain, size, train):
         """Trained on the labelled training images of `domain`; loaded instead when cached. `train`
-        holds the training split once read, for the next domain."""
-        s = self.classifier_settings
-        settings = "-".join(f"{k}{v}" for k, v in sorted(s.items()))  # a new setting, a new file
-        key = (f"digits-{self.manifest['content_hash'][:16]}-{domain}-c{self.channels[domain]}-s{size}"
-               f"-n{self.train_images}-{settings}")  # fmt: skip
-        path = os.path.join(self.cache_dir, key + ".safetensors") if self.cache_dir else None
-        if path and os.path.isfile(path):
-            self.notes.append(f"classifier {domain}: loaded {path}")
+        holds the training split once read, for the next judge."""
+        recipe = self.classifier_recipe(domain)
+        path = self._cache_path(f"digits-{domain}-c{self.channels[domain]}", size, recipe)
+
+        def fit():
+            self._read_train(train)
+            return train_classifier(train[domain], train[f"label_{domain}"], **recipe, device=self.device)
+
+        net, path = self._cached_or_trained(f"classifier {domain}", path, fit, recipe)
+        if path:
             self.classifier_files[domain] = path
-            return load_classifier(path, self.device)
+        return net
+
+    def _realism_judge(self, direction, size, train):
+        """Real images of the output domain against tinted input-domain images (pipeline.judges)."""
+        source, target = direction
+        recipe = self.realism_settings
+        path = self._cache_path(f"realism-{direction}", size, recipe)
+
+        def fit():
+            self._read_train(train)
+            return train_realism_judge(train[target], train[source], **recipe, device=self.device)
+
+        return self._cached_or_trained(f"realism judge {direction}", path, fit, recipe)[0]
+
+    def _read_train(self, train):
         if not train:
             train.update(self._read(self.train_split, self.train_images))
-        net = train_classifier(train[domain], train[f"label_{domain}"], **s, device=self.device)
-        kept = f"saved {path}" if path else "not kept (no cache_dir)"
-        self.notes.append(f"classifier {domain}: trained on {len(train[domain])} images, {kept}")
-        if path:
-            self.classifier_files[domain] = save_classifier(net, path)
-        return net
+
+    def _tinted(self, domain):
+        """The eval images of a gray `domain` tinted with a fixed seed: the realism floor."""
+        return tint(self.data[domain], torch.Generator().manual_seed(self.seed + 2000))
 
     def _load_extractor(self, path):
         if not path:
@@ -665,6 +628,8 @@ class Evaluator:
             if d[1] in self.classifiers:  # is the digit still the same digit?
                 labels = self.data[f"label_{d[0]}"]
                 out[f"eval/label_acc_{d}"] = accuracy(self.classifiers[d[1]], fake, labels)
+            if d in self.realism_judges:  # does it look like the output domain, not a tinted input?
+                out[f"eval/realism_{d}"] = realism(self.realism_judges[d], fake)
         if set(outputs) == {"ab", "ba"}:
             out["eval/cycle_l1_a"] = l1(self._translate(nets, outputs["ab"], "ba", mode), self.data["a"])
             out["eval/cycle_l1_b"] = l1(self._translate(nets, outputs["ba"], "ab", mode), self.data["b"])
@@ -694,6 +659,8 @@ class Evaluator:
         if {"a", "b"} <= set(self.classifiers):
             cls_a, cls_b = self.classifiers["a"], self.classifiers["b"]
             out["eval/pair_agreement"] = pair_agreement(cls_a, cls_b, x_a, x_b)
+            for d in "ab":  # beside it, how well each judge reads real digits: agreement is read against them
+                out[f"eval/judge_acc_{d}"] = self.judge_accuracy[d]
         out.update(self._fid("a", "a", x_a))
         out.update(self._fid("b", "b", x_b))
         return out
@@ -730,8 +697,8 @@ class Evaluator:
                     scores = segmentation_scores(pred, true, self.num_classes)
                     out.update({f"baseline/{k}_{d}": v for k, v in scores.items()})
         elif self.spec.name == "cogan":
-            for d, net in self.classifiers.items():
-                out[f"ceiling/classifier_acc_{d}"] = accuracy(net, self.data[d], self.data[f"label_{d}"])
+            for d in self.classifiers:
+                out[f"ceiling/classifier_acc_{d}"] = self.judge_accuracy[d]
         else:
             for d in self.directions:
                 net = self.classifiers.get(d[1])
@@ -739,7 +706,10 @@ class Evaluator:
                     continue
                 source = match_channels(self.data[d[0]], self.channels[d[1]])
                 out[f"baseline/label_acc_{d}"] = accuracy(net, source, self.data[f"label_{d[0]}"])
-                out[f"ceiling/label_acc_{d}"] = accuracy(net, self.data[d[1]], self.data[f"label_{d[1]}"])
+                out[f"ceiling/label_acc_{d}"] = self.judge_accuracy[d[1]]
+                if d in self.realism_judges:
+                    out[f"baseline/realism_{d}"] = realism(self.realism_judges[d], self._tinted(d[0]))
+                    out[f"ceiling/realism_{d}"] = realism(self.realism_judges[d], self.data[d[1]])
         return out
 
     # ------------------------------------------------------------------ grids

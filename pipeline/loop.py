@@ -623,7 +623,8 @@ def start_budget(cfg, spec, session, trainee: Trainee, evaluator, tracker):
     generators = len(spec.directions) if cfg.tracking.log_models else 0
     budget = Budget(cfg, session.rank, session.world, generators, session.device)
     if evaluator is not None:
-        metrics = budget.time_evaluation(lambda: evaluate(cfg, evaluator, trainee.nets, session.device, "eval/"))
+        metrics = budget.time_evaluation(
+            lambda: evaluate(cfg, evaluator, trainee.nets, session.device, "eval/"))
         tracker.log_metrics(metrics, trainee.progress.step)
     return budget
 
@@ -654,7 +655,8 @@ def after_step(cfg, session, trainee: Trainee, tracker, evaluator, meter: Meter,
         lrs = {f"lr/{k}": o.param_groups[0]["lr"] for k, o in trainee.optimizers.items()}
         tracker.log_metrics({**meter.flush(), **lrs, "progress/epoch": trainee.progress.epoch}, step)
     evaluate_now = (bool(cfg.eval.every) and step % cfg.eval.every == 0) or last
-    checkpoint_now = (bool(cfg.checkpoint.every) and step % cfg.checkpoint.every == 0) or last or force_checkpoint
+    periodic = bool(cfg.checkpoint.every) and step % cfg.checkpoint.every == 0
+    checkpoint_now = periodic or last or force_checkpoint
     if not (evaluate_now or checkpoint_now):
         return
     metrics = {"step": step}

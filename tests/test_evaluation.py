@@ -21,6 +21,7 @@ TESTS = os.path.dirname(__file__)
 FACADES_SMALL = os.path.join(TESTS, "assets", "facades_small")
 DATASETS = os.environ.get("TRANSMUTE_DATASETS", os.path.join(TESTS, "..", "..", "shared", "datasets"))
 FAST_CLASSIFIER = {"epochs": 1, "min_steps": 30, "width": 8}
+FAST_REALISM = {"steps": 20, "width": 4}
 # torch 2.13 marks TorchScript deprecated, but the reference Inception files are TorchScript
 TORCHSCRIPT = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
 
@@ -66,7 +67,8 @@ def digit_eval(digits, tmp_path_factory):
     """A CycleGAN MNIST (1 channel) ↔ MNIST-M (3 channels) evaluator; trains and caches classifiers."""
     spec, cfg, nets, _ = tiny_model("cyclegan", channels_a=1, channels_b=3)
     cache = str(tmp_path_factory.mktemp("classifier_cache"))
-    evaluator = ev.Evaluator(spec, cfg, digits, "test", size=32, cache_dir=cache, classifier=FAST_CLASSIFIER)
+    evaluator = ev.Evaluator(spec, cfg, digits, "test", size=32, cache_dir=cache, classifier=FAST_CLASSIFIER,
+                             realism=FAST_REALISM)  # fmt: skip
     return evaluator, nets, cache
 
 
@@ -338,9 +340,17 @@ def test_bicyclegan_uses_mean_z_and_measures_diversity(facades):
 def test_digit_label_preservation_and_classifier_cache(digit_eval, digits, monkeypatch):
     evaluator, nets, cache = digit_eval
     metrics, baselines = evaluator.metrics(nets), evaluator.baselines()
-    assert set(metrics) == {"eval/label_acc_ab", "eval/label_acc_ba", "eval/cycle_l1_a", "eval/cycle_l1_b"}
-    assert set(baselines) == {f"{k}/label_acc_{d}" for k in ("baseline", "ceiling") for d in ("ab", "ba")}
-    assert all(0 <= v <= 1 for k, v in {**metrics, **baselines}.items() if "acc" in k)
+    assert set(metrics) == {"eval/label_acc_ab", "eval/label_acc_ba", "eval/cycle_l1_a", "eval/cycle_l1_b",
+                            "eval/realism_ab"}  # realism only where gray MNIST becomes colour MNIST-M
+    names = {"label_acc_ab", "label_acc_ba", "realism_ab"}
+    assert set(baselines) == {f"{k}/{n}" for k in ("baseline", "ceiling") for n in names}
+    assert all(0 <= v <= 1 for k, v in {**metrics, **baselines}.items() if "acc" in k or "realism" in k)
+    for d in "ab":  # the ceiling is the judge's accuracy on the real images, also in the notes
+        label = evaluator.data[f"label_{d}"]
+        expected = ev.accuracy(evaluator.classifiers[d], evaluator.data[d], label)
+        assert baselines[f"ceiling/label_acc_{'ba' if d == 'a' else 'ab'}"] == expected
+        note = f"classifier {d}: accuracy {expected:.4f} on {len(label)} real images of this split"
+        assert note in evaluator.notes
     assert evaluator.data["a"].shape[1:] == (1, 32, 32) and evaluator.data["b"].shape[1:] == (3, 32, 32)
     files = evaluator.classifier_files
     assert sorted(files) == ["a", "b"] and all(os.path.isfile(f) for f in files.values())
@@ -350,9 +360,12 @@ def test_digit_label_preservation_and_classifier_cache(digit_eval, digits, monke
         raise AssertionError("the cached classifier should have been loaded")
 
     monkeypatch.setattr(ev, "train_classifier", no_training)
+    monkeypatch.setattr(ev, "train_realism_judge", no_training)
     spec, cfg = evaluator.spec, evaluator.cfg
-    again = ev.Evaluator(spec, cfg, digits, "test", size=32, cache_dir=cache, classifier=FAST_CLASSIFIER)
+    again = ev.Evaluator(spec, cfg, digits, "test", size=32, cache_dir=cache, classifier=FAST_CLASSIFIER,
+                         realism=FAST_REALISM)  # fmt: skip
     assert any(note.startswith("classifier b: loaded") for note in again.notes)
+    assert any(note.startswith("realism judge ab: loaded") for note in again.notes)
     for d in "ab":
         old, new = evaluator.classifiers[d].state_dict(), again.classifiers[d].state_dict()
         assert all(torch.equal(old[k], new[k]) for k in old)
@@ -365,7 +378,11 @@ def test_cogan_pair_agreement(digit_eval, digits):
     evaluator = ev.Evaluator(spec, cfg, digits, "test", cache_dir=cache, classifier=FAST_CLASSIFIER, pairs=64)
     assert sum(note.startswith("classifier") and "loaded" in note for note in evaluator.notes) == 2
     metrics = evaluator.metrics(nets)
-    assert set(metrics) == {"eval/pair_agreement"} and 0 <= metrics["eval/pair_agreement"] <= 1
+    assert set(metrics) == {"eval/pair_agreement", "eval/judge_acc_a", "eval/judge_acc_b"}
+    assert 0 <= metrics["eval/pair_agreement"] <= 1
+    for d in "ab":  # each judge's accuracy on the real eval images, logged beside the agreement
+        truth = ev.accuracy(evaluator.classifiers[d], evaluator.data[d], evaluator.data[f"label_{d}"])
+        assert metrics[f"eval/judge_acc_{d}"] == truth == evaluator.baselines()[f"ceiling/classifier_acc_{d}"]
     assert evaluator.metrics(nets) == metrics  # a fixed seeded z
     assert evaluator.mode == "eval"  # CoGAN generates from z: its batch norms use running statistics
     x_a, x_b = evaluator._generate_pairs(nets, 64, "eval")
