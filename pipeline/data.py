@@ -8,6 +8,7 @@ Layouts (SRC may be a local folder or s3://bucket/prefix):
   (columns `filename,label`; MNIST-M style), when present.
 - digits:   `.npz` arrays (one file, or a folder of one or two: sorted by name, domains a, b),
   keys `x`/`y` (all train) or `x_<split>`/`y_<split>`; uint8 N x H x W (gray) or N x H x W x 3.
+  `usps.npz` is padded at ingest (ARRAY_PADDING), so that its digits match MNIST's in scale.
 
 Output under DST: `<split>/<domain>/part-NNNNN-<hash>.parquet` plus `_manifest.json`, written
 last. Readers only take the shards the manifest lists, so an interrupted ingest (which leaves at
@@ -27,6 +28,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -216,6 +218,14 @@ def parse_labels(data: bytes, name: str) -> dict[str, int]:
     return labels
 
 
+# USPS digits fill their 16×16 frame; MNIST's sit in a 28×28 frame with a 4-pixel margin. Read at
+# one size, the two domains would show digits at different scales, which no shared generator layer
+# can couple (CoGAN's pairs then disagree). The CoGAN reference pads USPS by 3 px on each side before
+# resizing to 28 (mingyuliutw/CoGAN cogan/data/compute_optimal_alignment.py: "the optimal padding
+# size is 3"); we do the same at ingest, with USPS's background value 0.
+ARRAY_PADDING = {"usps.npz": 3}
+
+
 def _digit_items(root: str, files: list[str], endpoint: str | None):
     arrays = [f for f in files if "/" not in f and f.endswith(".npz")]
     if not arrays or len(arrays) > 2:
@@ -241,6 +251,9 @@ def _array_items(root, name, key, split, domain, pixels: np.ndarray, labels) -> 
     if labels is not None and len(labels) != len(pixels):
         raise IngestError(f"{where}: {len(pixels)} images but {len(labels)} labels")
     items = []
+    pad = ARRAY_PADDING.get(os.path.basename(name), 0)
+    if pad:
+        pixels = np.pad(pixels, [(0, 0), (pad, pad), (pad, pad)] + [(0, 0)] * (pixels.ndim - 3))
     for k in range(len(pixels)):
         rel = f"{name}/{key}/{k:06d}"
         label = None if labels is None else int(labels[k])

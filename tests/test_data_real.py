@@ -100,3 +100,6 @@ def test_digit_arrays_counts_and_labels(real_ingests):
     rows = {r["id"]: r["label"] for r in rows_of(dst, manifest, ["id", "label"])}
     for k in (0, 100, 2006):
         assert rows[f"test/usps.npz/x_test/{k:06d}"] == int(usps["y_test"][k])
+    stored = rows_of(dst, manifest, ["domain", "width", "height"])
+    sizes = {(r["domain"], r["width"], r["height"]) for r in stored}
+    assert sizes == {("a", 28, 28), ("b", 22, 22)}  # USPS padded 3 px a side, as CoGAN's reference
