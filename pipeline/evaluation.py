@@ -42,6 +42,7 @@ from pipeline.judges import (  # noqa: F401  (DigitClassifier, predict: part of 
     REALISM_RECIPE,
     DigitClassifier,
     accuracy,
+    class_entropy,
     load_classifier,
     pair_agreement,
     predict,
@@ -659,6 +660,7 @@ class Evaluator:
         if {"a", "b"} <= set(self.classifiers):
             cls_a, cls_b = self.classifiers["a"], self.classifiers["b"]
             out["eval/pair_agreement"] = pair_agreement(cls_a, cls_b, x_a, x_b)
+            out["eval/pair_class_entropy"] = class_entropy(cls_a, x_a)  # 1: all ten digits drawn evenly
             for d in "ab":  # beside it, how well each judge reads real digits: agreement is read against them
                 out[f"eval/judge_acc_{d}"] = self.judge_accuracy[d]
         out.update(self._fid("a", "a", x_a))

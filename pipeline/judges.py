@@ -228,6 +228,15 @@ def pair_agreement(cls_a, cls_b, x_a, x_b):
     return (predict(cls_a, x_a) == predict(cls_b, x_b)).double().mean().item()
 
 
+def class_entropy(classifier, images, num_classes=10):
+    """Entropy of the predicted class histogram over log(num_classes): 1 when every class is drawn
+    equally often, 0 when one class takes all. Pair agreement alone is passed by a generator that
+    draws one blob both judges call '1' (an untrained CoGAN scores 1.0): read the two together."""
+    counts = torch.bincount(predict(classifier, images), minlength=num_classes).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum() / torch.log(torch.tensor(float(num_classes))))
+
+
 # ============================================================================= files
 
 

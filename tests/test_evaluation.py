@@ -182,6 +182,20 @@ def test_digit_classifier_learns_mnist_quickly():
     assert not net.training
 
 
+def test_class_entropy_is_one_for_even_classes_and_zero_for_one():
+    class Fixed(torch.nn.Module):  # "classifies" an image by its first pixel
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))  # predict() reads the device off one
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x[:, 0, 0, 0].long(), 10).float()
+
+    even = torch.arange(10.0).repeat(5).view(50, 1, 1, 1)
+    assert ev.class_entropy(Fixed(), even) == pytest.approx(1.0)
+    assert ev.class_entropy(Fixed(), torch.full((50, 1, 1, 1), 3.0)) == pytest.approx(0.0)
+
+
 def test_pair_agreement_counts_matching_classes():
     x = rand(32, 1, 28, 28)
     net = ev.DigitClassifier(1, 28, width=4)
@@ -378,7 +392,9 @@ def test_cogan_pair_agreement(digit_eval, digits):
     evaluator = ev.Evaluator(spec, cfg, digits, "test", cache_dir=cache, classifier=FAST_CLASSIFIER, pairs=64)
     assert sum(note.startswith("classifier") and "loaded" in note for note in evaluator.notes) == 2
     metrics = evaluator.metrics(nets)
-    assert set(metrics) == {"eval/pair_agreement", "eval/judge_acc_a", "eval/judge_acc_b"}
+    assert set(metrics) == {"eval/pair_agreement", "eval/pair_class_entropy", "eval/judge_acc_a",
+                            "eval/judge_acc_b"}
+    assert 0 <= metrics["eval/pair_class_entropy"] <= 1
     assert 0 <= metrics["eval/pair_agreement"] <= 1
     for d in "ab":  # each judge's accuracy on the real eval images, logged beside the agreement
         truth = ev.accuracy(evaluator.classifiers[d], evaluator.data[d], evaluator.data[f"label_{d}"])
