@@ -91,13 +91,19 @@ def load_config_file(path: str) -> RunConfig:
 
 def ensure_dataset(cfg: RunConfig) -> dict:
     """The dataset's manifest; ingests the recipe's known source on first use."""
-    from pipeline.data import ingest, read_manifest
+    from pipeline.data import check_current, ingest, read_manifest
 
     endpoint = cfg.data.s3_endpoint or None
     try:
-        return read_manifest(cfg.data.path, endpoint)
+        manifest = read_manifest(cfg.data.path, endpoint)
     except FileNotFoundError:
-        pass
+        manifest = None
+    if manifest is not None:
+        try:
+            check_current(manifest, storage.public_uri(cfg.data.path))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        return manifest
     source = cfg.data.source or os.path.join(DATASETS, cfg.data.dataset)
     if not storage.exists(source, endpoint):
         command = f"python jobs/prepare_data.py SRC {cfg.data.path}"

@@ -1,6 +1,6 @@
 """Training for a wall-time budget (`train.max_minutes`, `jobs/train.py --minutes`).
 
-A budget run starts with the recipe's `train.steps` as a placeholder. Rank 0 times one
+A budget run starts open-ended (no end, no LR decay, Batch Renorm as batch norm). Rank 0 times one
 evaluation before the first step, then the steps after a short warm-up, and at one step fixes
 `train.steps` so that the run, counted from the command's start (`train.started_at`), ends within
 the budget after its periodic evaluations, its final validation and test evaluations, registration
@@ -11,7 +11,6 @@ run continues with the same `train.steps` (kept in the checkpoint's progress) an
 weights as an uninterrupted one.
 """
 
-import dataclasses
 import math
 import time
 
@@ -33,11 +32,12 @@ def timing_window(budget_s: float) -> float:
 
 
 def affordable_steps(*, budget_s: float, elapsed_s: float, step: int, step_s: float, eval_s: float,
-                     eval_every: int, generators: int) -> int:
+                     eval_every: int, generators: int, setup_s: float = 0.0) -> int:
     """The total number of steps that fits: the steps done, plus as many more as the time left
-    pays for after the final validation and test evaluations and the end of the run, each step
-    also carrying its share of the periodic evaluations. Never fewer than step + 1."""
-    end_s = 2 * eval_s + FIXED_END_S + END_S_PER_GENERATOR * generators
+    pays for after the evaluation at the decision, the final validation and test evaluations (the
+    test evaluator's set-up, `setup_s`, included) and the end of the run, each step also carrying
+    its share of the periodic evaluations. Never fewer than step + 1."""
+    end_s = 3 * eval_s + setup_s + FIXED_END_S + END_S_PER_GENERATOR * generators
     per_step = step_s + (eval_s / eval_every if eval_every else 0.0)
     left = budget_s - elapsed_s - end_s
     return step + max(1, math.floor(left / per_step)) if left > 0 else step + 1
@@ -46,8 +46,9 @@ def affordable_steps(*, budget_s: float, elapsed_s: float, step: int, step_s: fl
 class Budget:
     """Rank 0's clock for one run; `decide(step)` on every rank returns the fixed total once known."""
 
-    def __init__(self, cfg, rank: int, world: int, generators: int, device=None):
+    def __init__(self, cfg, rank: int, world: int, generators: int, device=None, setup_s: float = 0.0):
         self.cfg, self.rank, self.world, self.generators = cfg, rank, world, generators
+        self.setup_s = setup_s
         self.device = device or torch.device("cpu")
         self.origin = cfg.train.started_at or time.time()
         self.budget_s = cfg.train.max_minutes * 60.0
@@ -88,9 +89,7 @@ class Budget:
         return affordable_steps(
             budget_s=self.budget_s, elapsed_s=time.time() - self.origin, step=step,
             step_s=(now - started) / timed, eval_s=self.eval_s, eval_every=self.cfg.eval.every,
-            generators=self.generators,
+            generators=self.generators, setup_s=self.setup_s,
         )
 
 
-def with_steps(cfg, steps: int):
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))

@@ -543,7 +543,16 @@ def _manifest(*, src, layout, reason, load_size, channels, rows, shards, rejecte
         "ignored": ignored,
         "options": options,
         "command": command,
+        **({"array_padding": ARRAY_PADDING} if layout == "digits" else {}),
     }
+
+
+def check_current(manifest: dict, where: str) -> None:
+    """Refuse a dataset ingested before the digits padding (ARRAY_PADDING) existed: its USPS digits
+    are at another scale than MNIST's, which quietly ruins CoGAN's pairs."""
+    if manifest.get("layout") == "digits" and manifest.get("array_padding") != ARRAY_PADDING:
+        raise ValueError(f"{where}: digits ingested without the current padding {ARRAY_PADDING} (USPS at "
+                         f"MNIST's scale); ingest again: python jobs/prepare_data.py SRC {where}")
 
 
 def content_hash(pairs) -> str:

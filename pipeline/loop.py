@@ -478,6 +478,7 @@ class Trainee:
     state: dict
     progress: Progress
     resumed_from: int | None = None  # step of the checkpoint this process started from
+    setup_s: float = 0.0  # seconds rank 0 took to build its evaluator (a budget reserves as much)
     last_eval: dict = dataclasses.field(default_factory=dict)  # the latest validation metrics
 
 
@@ -556,6 +557,13 @@ def set_renorm(cfg, nets, step: int) -> None:
     set_renorm_limits(nets, *renorm_at(cfg.renorm, step, cfg.train.steps))
 
 
+UNDECIDED = 2**62  # train.steps of a budget run before the budget fixes them
+
+
+def with_steps(cfg, steps: int):
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+
+
 def run_training(cfg, session) -> dict:
     """The loop every worker runs: resume, train, log, evaluate, checkpoint; returns rank 0's final
     metrics. `session` says where it runs (RaySession or PlainSession)."""
@@ -567,12 +575,16 @@ def run_training(cfg, session) -> dict:
     trainee = build_trainee(cfg, spec, model_cfg, session)
     if trainee.progress.steps:  # a budget run restored after its steps were fixed: keep them
         cfg = fix_steps(cfg, model_cfg, trainee, trainee.progress.steps)
+    elif cfg.train.max_minutes:  # until the budget decides: no end, no LR decay, Batch Renorm as BN
+        cfg = reschedule(with_steps(cfg, UNDECIDED), model_cfg, trainee)
     tracker = open_tracker(cfg, session.rank)
     if trainee.resumed_from is not None:  # a worker restart or --resume: same MLflow run, noted
         tracker.log_metrics({"progress/resumed_from_step": trainee.resumed_from}, trainee.resumed_from)
     evaluator = None
     if session.rank == 0:
+        built = time.perf_counter()
         evaluator = build_evaluator(cfg, spec, model_cfg, session.device, cfg.data.val_split)
+        trainee.setup_s = time.perf_counter() - built  # the test split's evaluator costs as much at the end
     if evaluator is not None and trainee.progress.step == 0:
         tracker.log_metrics(evaluator.baselines(), 0)
         if evaluator.notes:
@@ -607,8 +619,9 @@ def run_training(cfg, session) -> dict:
         fixed = budget.decide(trainee.progress.step) if budget and not trainee.progress.steps else 0
         if fixed:
             cfg = fix_steps(cfg, model_cfg, trainee, fixed)
+        after_step(cfg, session, trainee, tracker, evaluator, meter, decided=bool(fixed))
+        if fixed:  # logged once the checkpoint holds it: a restart before that decides afresh
             report_budget(cfg, session, tracker, fixed)
-        after_step(cfg, session, trainee, tracker, evaluator, meter, force_checkpoint=bool(fixed))
     return finish(cfg, spec, model_cfg, session, trainee, tracker, evaluator)
 
 
@@ -621,7 +634,7 @@ def start_budget(cfg, spec, session, trainee: Trainee, evaluator, tracker):
     if not cfg.train.max_minutes or trainee.progress.steps:
         return None
     generators = len(spec.directions) if cfg.tracking.log_models else 0
-    budget = Budget(cfg, session.rank, session.world, generators, session.device)
+    budget = Budget(cfg, session.rank, session.world, generators, session.device, trainee.setup_s)
     if evaluator is not None:
         metrics = budget.time_evaluation(
             lambda: evaluate(cfg, evaluator, trainee.nets, session.device, "eval/"))
@@ -630,12 +643,13 @@ def start_budget(cfg, spec, session, trainee: Trainee, evaluator, tracker):
 
 
 def fix_steps(cfg, model_cfg, trainee: Trainee, steps: int):
-    """The run's config with `steps` total; the LR schedule is re-read from it (its decay has not
-    begun: the budget decides within the first percent of the run)."""
-    from pipeline.budget import with_steps
-
-    cfg = with_steps(cfg, steps)
+    """The run's config with `steps` total, kept in the progress (and so in checkpoints)."""
     trainee.progress = dataclasses.replace(trainee.progress, steps=steps)
+    return reschedule(with_steps(cfg, steps), model_cfg, trainee)
+
+
+def reschedule(cfg, model_cfg, trainee: Trainee):
+    """The LR schedule re-read from cfg.train.steps (the budget fixes them before any decay)."""
     for scheduler in trainee.schedulers.values():
         scheduler.lr_lambdas = [schedule(cfg)] * len(scheduler.lr_lambdas)
     apply_learning_rate(cfg, model_cfg, trainee)
@@ -649,14 +663,16 @@ def report_budget(cfg, session, tracker, steps: int) -> None:
 
 
 def after_step(cfg, session, trainee: Trainee, tracker, evaluator, meter: Meter,
-               force_checkpoint: bool = False) -> None:
+               decided: bool = False) -> None:
+    """Log, evaluate and checkpoint when due; `decided`: a budget just fixed the steps, so both now
+    (the checkpoint keeps the decision; the evaluation gives Tune's report its metric)."""
     step, last = trainee.progress.step, trainee.progress.step == cfg.train.steps
     if step % cfg.train.log_every == 0 or last:
         lrs = {f"lr/{k}": o.param_groups[0]["lr"] for k, o in trainee.optimizers.items()}
         tracker.log_metrics({**meter.flush(), **lrs, "progress/epoch": trainee.progress.epoch}, step)
-    evaluate_now = (bool(cfg.eval.every) and step % cfg.eval.every == 0) or last
+    evaluate_now = (bool(cfg.eval.every) and step % cfg.eval.every == 0) or last or decided
     periodic = bool(cfg.checkpoint.every) and step % cfg.checkpoint.every == 0
-    checkpoint_now = periodic or last or force_checkpoint
+    checkpoint_now = periodic or last or decided
     if not (evaluate_now or checkpoint_now):
         return
     metrics = {"step": step}

@@ -13,6 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from fixtures_data import dataset_path
 
+from pipeline import data
+
 # From DATASETS.md.
 EXPECTED = {
     "facades": {"files": {"train": 400, "test": 106}, "hash": "a2e9cc40f29b0034"},
@@ -103,3 +105,6 @@ def test_digit_arrays_counts_and_labels(real_ingests):
     stored = rows_of(dst, manifest, ["domain", "width", "height"])
     sizes = {(r["domain"], r["width"], r["height"]) for r in stored}
     assert sizes == {("a", 28, 28), ("b", 22, 22)}  # USPS padded 3 px a side, as CoGAN's reference
+    data.check_current(manifest, dst)
+    with pytest.raises(ValueError, match="ingest again"):  # a dataset ingested before the padding
+        data.check_current({k: v for k, v in manifest.items() if k != "array_padding"}, dst)
