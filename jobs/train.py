@@ -240,6 +240,9 @@ def main(argv=None) -> int:
         mark_failed(cfg)
         raise
     if args.metrics_json:
+        from pipeline.tracking import run_metrics
+
+        metrics = {**metrics, **run_metrics(cfg.tracking.uri, cfg.tracking.run_id)}
         write_json(args.metrics_json, {"run_name": cfg.tracking.run_name, "run_id": cfg.tracking.run_id,
                                        "wall_s": time.time() - STARTED, "metrics": metrics})
     print(

@@ -424,6 +424,12 @@ def set_alias(tracking_uri: str, name: str, alias: str, version: str | int) -> N
     MlflowClient(tracking_uri).set_registered_model_alias(name, alias, str(version))
 
 
+def run_metrics(tracking_uri: str, run_id: str) -> dict[str, float]:
+    """The latest value of every metric of a run (a Ray Train result carries only the metrics of
+    its last checkpoint, not the test metrics reported after it)."""
+    return dict(MlflowClient(tracking_uri).get_run(run_id).data.metrics)
+
+
 def get_model_version_metrics(tracking_uri: str, name: str, version: str | int) -> dict[str, float]:
     """The metrics logged with a registered version's model (`log_generator(metrics=...)`)."""
     client = MlflowClient(tracking_uri)
