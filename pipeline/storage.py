@@ -19,11 +19,15 @@ import shutil
 import uuid
 from functools import lru_cache
 
-import boto3
-import botocore.config
-import botocore.exceptions
-from boto3.s3.transfer import TransferConfig
 from pyarrow import fs as pafs
+
+try:  # a GPU box may have torch and pyarrow but not boto3: local paths work without it
+    import boto3
+    import botocore.config
+    import botocore.exceptions
+    from boto3.s3.transfer import TransferConfig
+except ImportError:
+    boto3 = None
 
 S3 = "s3://"
 MAX_ATTEMPTS = 3  # bounded: a dead server fails in seconds, not minutes
@@ -31,7 +35,7 @@ CONNECT_TIMEOUT_S = 3
 READ_TIMEOUT_S = 60
 TEMP_MARK = ".tmp-"  # hidden temp files: readers (pyarrow, Ray) skip names starting with "."
 # One PUT up to this size; above it a multipart upload, which is invisible until completed.
-TRANSFER = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=16 * 2**20)
+TRANSFER = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=16 * 2**20) if boto3 else None
 
 
 class StorageError(RuntimeError):
@@ -82,12 +86,16 @@ def _client(endpoint: str | None, identity: str):
 
 def client(endpoint: str | None = None):
     """A boto3 S3 client with bounded retries and timeouts (cached per endpoint and identity)."""
+    if boto3 is None:
+        raise RuntimeError("s3:// paths need boto3, which is not installed here: pip install boto3")
     names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION")
     identity = hashlib.sha256("\0".join(os.environ.get(n, "") for n in names).encode()).hexdigest()
     return _client(resolve_endpoint(endpoint), identity)
 
 
 def _secrets() -> list[str]:
+    if boto3 is None:
+        return []
     creds = boto3.session.Session().get_credentials()
     if creds is None:
         return []

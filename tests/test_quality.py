@@ -8,6 +8,11 @@ thresholds sit far below what these steps reach and far above the floors (measur
 machine: see each test).
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from models import MODELS
@@ -44,3 +49,31 @@ def test_cyclegan_keeps_mnist_m_digits_well_above_the_untranslated_floor(real_in
     kept = evaluator.metrics(nets)["eval/label_acc_ba"]
     print("label_acc_ba", kept, "floor", floor)
     assert kept >= floor + 0.25, (kept, floor)
+
+
+BLOCKED = """
+import importlib.abc, runpy, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("ray", "mlflow", "boto3", "botocore"):
+            raise ImportError("blocked " + name)
+sys.meta_path.insert(0, Block())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.integration
+def test_quality_benchmark_runs_the_plain_loop_without_ray_mlflow_or_boto3(tmp_path):
+    """The GPU machine has torch but not Ray, MLflow or boto3: `--no-ray` must not need them."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(repo, "benchmarks", "quality.py")
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCKED, script, "--recipe", "cyclegan_facades-quick", "--no-ray",
+         "--home", str(tmp_path), "--set", "train.steps=4", "eval.every=0", "checkpoint.every=0"],
+        capture_output=True, text=True, timeout=600, cwd=repo)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[0])
+    scores = {s["metric"]: s for s in result["scores"]}
+    assert result["steps"] == 4 and scores["test/pixel_acc_ab"]["value"] is not None
+    assert scores["test/pixel_acc_ab"]["floor"] is not None  # the most frequent class, from the test split
