@@ -156,6 +156,8 @@ def git_commit() -> str:
 
 
 def fmt(x) -> str:
+    if isinstance(x, float) and x.is_integer() and abs(x) >= 1000:
+        x = int(x)  # a step count read back from MLflow
     return "–" if x is None else f"{x:.3g}" if isinstance(x, float) else str(x)
 
 
