@@ -140,19 +140,22 @@ def run_plain(recipe: str, minutes: float | None, overrides: list[str], home: st
 
 
 def measure(args, recipe: str) -> dict:
-    minutes = args.minutes
+    minutes, commit = args.minutes, git_commit()  # the code the run starts with
     if args.no_ray:
         result = run_plain(recipe, minutes, args.set, args.home, args.device)
     else:
         result = run_with_ray(recipe, minutes, args.set, args.home)
     metrics = result.pop("metrics")
-    return {"recipe": recipe, "minutes": minutes, "commit": git_commit(), **result,
+    return {"recipe": recipe, "minutes": minutes, "commit": commit, **result,
             "steps": metrics.get("step"), "scores": scorecard(recipe, metrics)}
 
 
 def git_commit() -> str:
-    done = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() or "unknown"
+    """HEAD's short hash, with '+dirty' when tracked files differ from it."""
+    git = ["git", "-C", REPO]
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(git + ["diff", "--quiet", "HEAD"]).returncode != 0
+    return (head or "unknown") + ("+dirty" if head and dirty else "")
 
 
 def fmt(x) -> str:

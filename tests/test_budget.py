@@ -16,9 +16,10 @@ from pipeline.run_config import override
 
 def test_affordable_steps_pay_for_evaluations_and_the_end_of_the_run():
     common = dict(budget_s=600.0, elapsed_s=100.0, step=50, eval_every=100, generators=2)
-    # 600 − 100 − (3·5 + 20 + 2·5) = 455 s left; each step 1 s + 5/100 s of evaluation.
-    assert budget.affordable_steps(step_s=1.0, eval_s=5.0, **common) == 50 + int(455 / 1.05)
-    assert budget.affordable_steps(step_s=1.0, eval_s=5.0, setup_s=21.0, **common) == 50 + int(434 / 1.05)
+    # 600 − 100 − (3·5 + 20 + 2·5) = 455 s left; each step 1 s (+ the margin) + 5/100 s of evaluation.
+    per_step = budget.STEP_MARGIN + 0.05
+    assert budget.affordable_steps(step_s=1.0, eval_s=5.0, **common) == 50 + int(455 / per_step)
+    assert budget.affordable_steps(step_s=1.0, eval_s=5.0, setup_s=21.0, **common) == 50 + int(434 / per_step)
     assert budget.affordable_steps(step_s=2.0, eval_s=5.0, **common) < budget.affordable_steps(
         step_s=1.0, eval_s=5.0, **common)
     spent = dict(common, elapsed_s=599.0)
