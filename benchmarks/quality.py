@@ -153,7 +153,8 @@ def measure(args, recipe: str) -> dict:
 def git_commit() -> str:
     """HEAD's short hash, with '+dirty' when tracked files differ from it."""
     git = ["git", "-C", REPO]
-    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    head = head.stdout.strip()
     dirty = subprocess.run(git + ["diff", "--quiet", "HEAD"]).returncode != 0
     return (head or "unknown") + ("+dirty" if head and dirty else "")
 
