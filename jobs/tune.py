@@ -52,9 +52,13 @@ def add_arguments(p: argparse.ArgumentParser, defaults: dict) -> argparse.Argume
     )
     p.add_argument("--mode", choices=("min", "max"), help="default: min for l1/fid/kid/loss, else max")
     p.add_argument("--num-samples", type=int, default=4)
-    p.add_argument("--max-steps", type=int, default=None, help="training steps per trial (default: recipe's)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="training steps per trial (default: recipe's; replaces a recipe's time budget)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="wall-time budget per trial (train.max_minutes): each trial fixes its own steps")
     p.add_argument(
-        "--eval-every", type=int, default=None, help="steps between reports (default: max-steps/6)"
+        "--eval-every", type=int, default=None,
+        help="steps between reports (default: max-steps/6; under a time budget the recipe's eval.every)",
     )
     p.add_argument("--scheduler", choices=("asha", "pbt", "fifo"), default="asha")
     p.add_argument("--workers-per-trial", type=int, default=1)
@@ -86,12 +90,8 @@ def parse_args(argv=None, defaults: dict | None = None):
 
 def base_config(args) -> RunConfig:
     cfg = override(recipe(args.recipe), args.set)
-    steps = args.max_steps or cfg.train.steps
-    every = args.eval_every or max(1, steps // 6)
     fixed = {
-        "train.steps": steps,
-        "eval.every": every,
-        "checkpoint.every": every,
+        **trial_length(args, cfg),
         "train.seed": args.seed,
         "scaling.num_workers": args.workers_per_trial,
         "scaling.cpus_per_worker": args.cpus_per_trial,
@@ -102,6 +102,23 @@ def base_config(args) -> RunConfig:
     if args.workers_per_trial == 1:
         fixed["data.reader"] = "local"  # in the trial's own process: no Ray Data tasks to schedule
     return resolve_paths(override(cfg, fixed))
+
+
+def trial_length(args, cfg: RunConfig) -> dict:
+    """Steps and report interval of a trial. Under a time budget the steps are unknown until each
+    trial times itself, so the reports keep the recipe's (or --eval-every's) interval rather than a
+    sixth of a placeholder step count (which would leave ASHA a single report per trial)."""
+    if args.minutes is not None:
+        return {"train.max_minutes": args.minutes, **trial_every(args, cfg.eval.every)}
+    if cfg.train.max_minutes and not args.max_steps:
+        return trial_every(args, cfg.eval.every)
+    steps = args.max_steps or cfg.train.steps
+    return {"train.steps": steps, "train.max_minutes": 0.0, **trial_every(args, max(1, steps // 6))}
+
+
+def trial_every(args, default: int) -> dict:
+    every = args.eval_every or default
+    return {"eval.every": every, "checkpoint.every": every}
 
 
 def scheduler_for(args, dims, mode: str):
@@ -146,7 +163,7 @@ def parent_run(cfg: RunConfig, args, name: str, dims, mode: str) -> str:
         "metric": args.metric,
         "mode": mode,
         "num_samples": args.num_samples,
-        "max_steps": cfg.train.steps,
+        "max_steps": f"budget {cfg.train.max_minutes:g} min" if cfg.train.max_minutes else cfg.train.steps,
         "eval_every": cfg.eval.every,
         "workers_per_trial": args.workers_per_trial,
         "gpus_per_trial": args.gpus_per_trial,

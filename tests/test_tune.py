@@ -102,6 +102,20 @@ def test_space_from_a_json_file(tmp_path):
 
 
 @pytest.mark.integration
+def test_trials_under_a_time_budget_keep_the_recipes_report_interval(home):
+    """A -15min base has no step count until each trial times itself: a sixth of the placeholder
+    would leave ASHA one report a trial."""
+    budget = tune_job.base_config(tune_job.parse_args(["--recipe", "dualgan_facades-15min"]))
+    assert budget.train.max_minutes == 15.0
+    assert budget.eval.every == budget.checkpoint.every == recipe("dualgan_facades-15min").eval.every
+    short = tune_job.base_config(tune_job.parse_args(
+        ["--recipe", "dualgan_facades-15min", "--minutes", "3", "--eval-every", "200"]))
+    assert (short.train.max_minutes, short.eval.every) == (3.0, 200)
+    steps = tune_job.base_config(
+        tune_job.parse_args(["--recipe", "dualgan_facades-15min", "--max-steps", "600"]))
+    assert (steps.train.max_minutes, steps.train.steps, steps.eval.every) == (0.0, 600, 100)
+
+
 def test_asha_stops_the_clearly_worse_trial_and_releases_its_cpus(
     facades_small_dst, ray_cluster, home, tmp_path
 ):
