@@ -211,8 +211,8 @@ def io_rate(args, payload, batch: int) -> float:
         rows = [{"id": p.name, "sha256": p.stem, "image": p.read_bytes()} for p in paths]
         tasks = {r["id"]: translate.Task(r["id"], r["sha256"], Path(r["id"]).stem, [0]) for r in rows}
         job = translate.Job(payload, str(Path(tmp, "out")), batch_size=batch, device=args.device,
-                            io_workers=args.io_workers, tasks=tasks)
-        worker = translate.BatchTranslator(job)
+                            io_workers=args.io_workers)
+        worker = translate.BatchTranslator(translate.Work(job, tasks=tasks))
         worker.process(rows)  # warm-up
         steps = max(2, args.images // batch)
         return best_rate(lambda: [worker.process(rows) for _ in range(steps)], steps * batch, args.repeats)

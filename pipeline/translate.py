@@ -375,30 +375,40 @@ class Task:
     uri: str | None = None  # folder inputs: where to read the bytes
 
 
-@dataclass
+@dataclass(frozen=True)
 class Job:
-    """What every worker needs (picklable: Ray sends it to each actor)."""
+    """What the caller asks for. It has no key: what the outputs depend on is complete only once
+    `resolve` has looked at the input (an aligned dataset adds the half the model reads)."""
 
     payload: ModelPayload
     output: str
     settings: Settings = Settings()
     samples: int = 1
-    half: str | None = None  # aligned dataset rows: the half the model reads ("left" | "right")
     batch_size: int = 16
     device: str = "cpu"
     bf16: bool = True
     io_workers: int = 1  # threads decoding and encoding beside the net (pillow releases the GIL)
     s3_endpoint: str | None = None
-    tasks: dict = field(default_factory=dict)  # id -> Task, filled by `plan`
+
+
+@dataclass(frozen=True)
+class Work:
+    """A job made complete by `resolve`: what every worker needs (picklable: Ray sends it to each
+    actor). Its key derives from its frozen fields, so the key the manifest is filtered by when the
+    folder is opened is the key every output is recorded under."""
+
+    job: Job
+    half: str | None = None  # aligned dataset rows: the half the model reads ("left" | "right")
+    tasks: dict = field(default_factory=dict, compare=False)  # id -> Task, filled by `plan`
 
     @property
     def key(self) -> str:
         """Outputs listed under another key were made another way: a rerun redoes them."""
-        z = {"z": self.settings.z_mode, "seed": self.settings.seed} if self.payload.model_name in (
+        job, payload, settings = self.job, self.job.payload, self.job.settings
+        z = {"z": settings.z_mode, "seed": settings.seed} if payload.model_name in (
             "bicyclegan", "cogan") else {}
-        if self.settings.z_mode == "linear":
-            z["samples"] = self.samples  # the grid's points depend on K
-        payload, settings = self.payload, self.settings
+        if settings.z_mode == "linear":
+            z["samples"] = job.samples  # the grid's points depend on K
         parts = {"model": payload.info.key, "direction": payload.direction, "size": payload.size,
                  "half": self.half, "format": settings.format, "bn_mode": self.bn_mode,
                  "keep_size": settings.keep_size, **z}
@@ -410,14 +420,15 @@ class Job:
     def bn_mode(self) -> str:
         """The inference mode the outputs are made in: settings.bn_mode resolved for the model, so
         that "auto" and the mode it stands for make the same outputs under the same key."""
-        return resolved_mode(self.payload, self.settings.bn_mode)
+        return resolved_mode(self.job.payload, self.job.settings.bn_mode)
 
     def lineage(self) -> dict:
-        info = self.payload.info
+        payload = self.job.payload
+        info = payload.info
         return {"model": info.name, "model_version": info.version, "run_id": info.run_id,
-                "model_uri": info.uri, "model_key": info.key, "model_type": self.payload.model_name,
-                "direction": self.payload.direction, "bn_mode": self.bn_mode,
-                "dropout": self.settings.dropout, "job_key": self.key}
+                "model_uri": info.uri, "model_key": info.key, "model_type": payload.model_name,
+                "direction": payload.direction, "bn_mode": self.bn_mode,
+                "dropout": self.job.settings.dropout, "job_key": self.key}
 
 
 class BatchTranslator:
@@ -425,8 +436,9 @@ class BatchTranslator:
     unreadable input). The Ray Data actor class (the generator is built once per actor) and the
     local loop's worker alike."""
 
-    def __init__(self, job: Job):
-        self.job, self.lineage = job, job.lineage()
+    def __init__(self, work: Work):
+        job = work.job
+        self.work, self.job, self.lineage = work, job, work.lineage()
         self.translator = Translator(job.payload, job.device, job.settings.bn_mode, job.bf16,
                                      job.settings.dropout)
         self.pool = ThreadPoolExecutor(job.io_workers) if job.io_workers > 1 else None
@@ -437,7 +449,7 @@ class BatchTranslator:
         return {"entry": np.array([json.dumps(e) for e in self.process(rows)], dtype=object)}
 
     def process(self, rows: list[dict]) -> list[dict]:
-        work = [(self.job.tasks[str(r["id"])], r) for r in rows if str(r["id"]) in self.job.tasks]
+        work = [(self.work.tasks[str(r["id"])], r) for r in rows if str(r["id"]) in self.work.tasks]
         if self.translator.spec.name == "cogan":
             return self._write([(task, None, k, None) for task, _ in work for k in task.samples])
         entries, items = [], []
@@ -466,7 +478,7 @@ class BatchTranslator:
             return task, sha, None, str(e)
         except (OSError, SyntaxError, ValueError) as e:  # pillow fails in Image.open on a cut header
             return task, sha, None, f"cannot decode: {e}"
-        return task, sha, cut_half(pixels, self.job.half), None
+        return task, sha, cut_half(pixels, self.work.half), None
 
     def _write(self, items: list[tuple]) -> list[dict]:
         entries = []
@@ -486,7 +498,7 @@ class BatchTranslator:
                                     job.samples)
                 zs.append(z)
             lineage.append({**self.lineage, "key": entry_key(sha or task.id, k), "input_id": task.id,
-                            "input_sha256": sha, "input_part": job.half, "sample": k, "z_seed": seed,
+                            "input_sha256": sha, "input_part": self.work.half, "sample": k, "z_seed": seed,
                             "z_t": t})
         z = torch.cat(zs) if zs else None
         if model.spec.name == "cogan":
@@ -571,19 +583,19 @@ class Outputs:
         until their content changes (a new sha256)."""
         return self.manifest["rejected"]
 
-    def open(self, job: Job, header: dict, overwrite: bool = False) -> None:
-        """Load or start the manifest, drop what this job would make differently, commit, and
+    def open(self, work: Work, header: dict, overwrite: bool = False) -> None:
+        """Load or start the manifest, drop what this work would make differently, commit, and
         remove every output file the manifest does not list."""
         self.manifest = self._load() or self._refuse_foreign()
         claim = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "started": _now()}
         storage.write_bytes(self._run_file(), json.dumps(claim).encode(), self.endpoint)
         old = self.manifest.get("entries", {})
-        kept = {} if overwrite else {k: e for k, e in old.items() if e.get("job_key") == job.key}
+        kept = {} if overwrite else {k: e for k, e in old.items() if e.get("job_key") == work.key}
         if len(kept) < len(old):
             log.info("%d earlier outputs were made %s: redoing them", len(old) - len(kept),
                      "before --overwrite" if overwrite else "by another model version or other settings")
         rejected = {} if overwrite else {k: r for k, r in self.manifest.get("rejected", {}).items()
-                                         if r.get("job_key") == job.key}
+                                         if r.get("job_key") == work.key}
         self.manifest = {"schema_version": SCHEMA_VERSION, "kind": KIND, **header, "entries": kept,
                          "rejected": rejected, "runs": self.manifest.get("runs", [])}
         self.commit()
@@ -706,41 +718,50 @@ class Source:
         return "folder"
 
 
+def resolve(job: Job, source: Source) -> Work:
+    """The job made complete before its output folder is opened: on an aligned dataset, the half of
+    each row the model reads is part of what the outputs depend on (and so of the key)."""
+    half = None
+    if source.kind() == "parquet":
+        manifest = data.read_manifest(source.uri, source.endpoint)
+        half = source_domain(manifest, job.payload.direction, job.payload.swap_ab, source.uri)[1]
+    return Work(job, half)
+
+
 @dataclass
 class Plan:
     tasks: dict  # id -> Task
     outputs: int  # (input, sample) pairs to translate
     counts: dict  # inputs, done (skipped), duplicates, ignored files
     shards: list[str] = field(default_factory=list)  # dataset: the shards to read
-    half: str | None = None
 
 
-def plan(job: Job, source: Source, done: dict, rejected: dict | None = None, pairs: int = 0) -> Plan:
+def plan(work: Work, source: Source, done: dict, rejected: dict | None = None, pairs: int = 0) -> Plan:
     """The inputs and samples that `done` (the manifest's entries) does not list yet, leaving out
     inputs `rejected` before (by sha256)."""
     kind = source.kind()
-    half, shards, ignored = None, [], []
+    shards, ignored = [], []
     if kind == "none":
         inputs = [(f"pair-{i:06d}", None, None) for i in range(pairs)]
     elif kind == "folder":
         inputs, ignored = _folder_inputs(source)
     else:
-        inputs, shards, half = _dataset_inputs(source, job.payload)
+        inputs, shards = _dataset_inputs(source, work.job.payload)
     unique, duplicates = _unique(inputs)
     rejected = rejected or {}
     before = [i for i in unique if i[1] in rejected]
     unique = [i for i in unique if i[1] not in rejected]
     taken = {e["name"]: key.rpartition("/")[0] for key, e in done.items()}
     names = output_names([i for i, _, _ in unique], taken, {i: s for i, s, _ in unique})
-    tasks, skipped = {}, 0
+    tasks, skipped, samples = {}, 0, work.job.samples
     for input_id, sha, uri in unique:
-        todo = [k for k in range(job.samples) if entry_key(sha or input_id, k) not in done]
-        skipped += job.samples - len(todo)
+        todo = [k for k in range(samples) if entry_key(sha or input_id, k) not in done]
+        skipped += samples - len(todo)
         if todo:
             tasks[input_id] = Task(input_id, sha, names[input_id], todo, uri)
     counts = {"inputs": len(unique) + len(before), "done_before": skipped, "rejected_before": len(before),
               "duplicates": duplicates, "ignored": ignored}
-    return Plan(tasks, sum(len(t.samples) for t in tasks.values()), counts, shards, half)
+    return Plan(tasks, sum(len(t.samples) for t in tasks.values()), counts, shards)
 
 
 def visible_files(root: str, endpoint: str | None) -> list[str]:
@@ -764,9 +785,9 @@ def _folder_inputs(source: Source) -> tuple[list[tuple], list[str]]:
     return list(zip(wanted, shas, uris, strict=True)), [f for f in files if f not in set(wanted)]
 
 
-def _dataset_inputs(source: Source, payload: ModelPayload) -> tuple[list[tuple], list[str], str | None]:
+def _dataset_inputs(source: Source, payload: ModelPayload) -> tuple[list[tuple], list[str]]:
     manifest = data.read_manifest(source.uri, source.endpoint)
-    domain, half = source_domain(manifest, payload.direction, payload.swap_ab, source.uri)
+    domain, _ = source_domain(manifest, payload.direction, payload.swap_ab, source.uri)
     splits = list(source.splits) or sorted(s for s, counts in manifest["counts"].items() if domain in counts)
     shards = []
     for split in splits:
@@ -779,7 +800,7 @@ def _dataset_inputs(source: Source, payload: ModelPayload) -> tuple[list[tuple],
         table = pq.read_table(path, filesystem=fs, columns=["id", "sha256"])
         ids, shas = table["id"].to_pylist(), table["sha256"].to_pylist()
         inputs += [(i, s, None) for i, s in zip(ids, shas, strict=True)]
-    return inputs, shards, half
+    return inputs, shards
 
 
 def source_domain(manifest: dict, direction: str, swap_ab: bool, uri: str = "") -> tuple[str, str | None]:
@@ -835,24 +856,25 @@ def run(job: Job, source: Source, *, pairs: int = 0, overwrite: bool = False, us
     The manifest is committed after each completed block (at most every `commit_every_s`)."""
     job.settings.check(job.payload.model_name, job.samples)
     started, outputs = _now(), Outputs(job.output, job.s3_endpoint)
-    outputs.open(job, _header(job, source), overwrite)
-    todo = plan(job, source, outputs.entries, outputs.rejected, pairs)
-    job = replace(job, tasks=todo.tasks, half=todo.half)
+    work = resolve(job, source)  # complete before the folder is opened: its key filters the manifest
+    outputs.open(work, _header(work, source), overwrite)
+    todo = plan(work, source, outputs.entries, outputs.rejected, pairs)
+    work = replace(work, tasks=todo.tasks)  # tasks are no part of the key
     counts = {**todo.counts, "planned": todo.outputs, "translated": 0, "rejected": 0}
     rejected = []
     feed = _ray_batches if use_ray else _local_batches
-    batches = feed(job, source, todo, actors, cpus_per_actor, gpus_per_actor) if job.tasks else []
+    batches = feed(work, source, todo, actors, cpus_per_actor, gpus_per_actor) if work.tasks else []
     bar = tqdm(total=todo.outputs, unit="img", desc="translate", disable=not (progress and todo.outputs))
     with bar:
         for entries in batches:
             ok = [e for e in entries if e["status"] == "ok"]
             new = [e for e in entries if e["status"] == "rejected"]
-            outputs.add(entries, job.key)
+            outputs.add(entries, work.key)
             outputs.commit(commit_every_s)
             rejected += new
             counts["translated"] += len(ok)
             counts["rejected"] = len(rejected)
-            bar.update(len(ok) + sum(len(job.tasks[e["input_id"]].samples) for e in new))
+            bar.update(len(ok) + sum(len(work.tasks[e["input_id"]].samples) for e in new))
             bar.set_postfix(rejected=len(rejected), refresh=False)
     record = {"started": started, "finished": _now(), "command": command, "counts": counts,
               "rejected": [{"input_id": r["input_id"], "reason": r["reason"]} for r in rejected]}
@@ -860,8 +882,9 @@ def run(job: Job, source: Source, *, pairs: int = 0, overwrite: bool = False, us
     return record
 
 
-def _header(job: Job, source: Source) -> dict:
-    return {"job_key": job.key, "model": {**asdict(job.payload.info), "type": job.payload.model_name,
+def _header(work: Work, source: Source) -> dict:
+    job = work.job
+    return {"job_key": work.key, "model": {**asdict(job.payload.info), "type": job.payload.model_name,
                                           "direction": job.payload.direction, "size": job.payload.size},
             "settings": {**asdict(job.settings), "samples": job.samples},
             "input": storage.public_uri(source.uri) if source.uri else None, "format": job.settings.format}
@@ -871,29 +894,30 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def _local_batches(job: Job, source: Source, the_plan: Plan, *_) -> Iterator[list[dict]]:
-    worker = BatchTranslator(job)
-    for rows in local_rows(job, source, the_plan):
+def _local_batches(work: Work, source: Source, the_plan: Plan, *_) -> Iterator[list[dict]]:
+    worker = BatchTranslator(work)
+    for rows in local_rows(work, source, the_plan):
         yield worker.process(rows)
 
 
-def local_rows(job: Job, source: Source, the_plan: Plan) -> Iterator[list[dict]]:
+def local_rows(work: Work, source: Source, the_plan: Plan) -> Iterator[list[dict]]:
     """Batches of input rows without Ray: ids (folder, CoGAN) or dataset rows with their bytes."""
+    batch_size = work.job.batch_size
     if not the_plan.shards:
-        ids = sorted(job.tasks)
-        for start in range(0, len(ids), job.batch_size):
-            yield [{"id": i} for i in ids[start:start + job.batch_size]]
+        ids = sorted(work.tasks)
+        for start in range(0, len(ids), batch_size):
+            yield [{"id": i} for i in ids[start:start + batch_size]]
         return
     for uri in the_plan.shards:
         fs, path = storage.arrow_filesystem(uri, source.endpoint)
         with fs.open_input_file(path) as f:
-            for batch in pq.ParquetFile(f).iter_batches(job.batch_size, columns=["id", "sha256", "image"]):
-                rows = [r for r in batch.to_pylist() if r["id"] in job.tasks]
+            for batch in pq.ParquetFile(f).iter_batches(batch_size, columns=["id", "sha256", "image"]):
+                rows = [r for r in batch.to_pylist() if r["id"] in work.tasks]
                 if rows:
                     yield rows
 
 
-def _ray_batches(job: Job, source: Source, the_plan: Plan, actors: int, cpus: float,
+def _ray_batches(work: Work, source: Source, the_plan: Plan, actors: int, cpus: float,
                  gpus: float) -> Iterator[list[dict]]:
     """map_batches over an actor pool (one generator per actor); yields each block's entries."""
     import ray.data
@@ -904,9 +928,10 @@ def _ray_batches(job: Job, source: Source, the_plan: Plan, actors: int, cpus: fl
         ds = ray.data.read_parquet(paths, filesystem=fs, columns=["id", "sha256", "image"],
                                    partitioning=None, file_extensions=None)
     else:
-        ids = sorted(job.tasks)
-        ds = ray.data.from_items([{"id": i} for i in ids], override_num_blocks=-(-len(ids) // job.batch_size))
-    ds = ds.map_batches(BatchTranslator, fn_constructor_kwargs={"job": job}, batch_size=job.batch_size,
+        ids = sorted(work.tasks)
+        blocks = -(-len(ids) // work.job.batch_size)
+        ds = ray.data.from_items([{"id": i} for i in ids], override_num_blocks=blocks)
+    ds = ds.map_batches(BatchTranslator, fn_constructor_kwargs={"work": work}, batch_size=work.job.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus,
                         num_gpus=gpus or None, batch_format="numpy")
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
