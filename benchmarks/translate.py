@@ -16,7 +16,7 @@ with --threads torch threads: default 1, so the figures are per core and survive
   actor pool's, once per run as in a scheduled job, is).
 Inputs are the facades photos (left halves) resized to the model's size, so neither side resizes.
 
---core measures the plain-torch core of pipeline/translate.py where Ray does not fit (the GPU
+--core measures the plain-torch core (pipeline/translate/core.py) where Ray does not fit (the GPU
 box): `Translator` on uint8 batches already in host memory (host->device copy, float conversion,
 G under bf16 autocast in channels-last, uint8 back to host) and, with --with-io, `BatchTranslator`
 on encoded JPEG rows (decode and PNG encode on --io-workers threads, files written to a temp dir).
@@ -135,8 +135,8 @@ def our_job(payload, inputs: Path, out: Path, batch_size: int, use_ray: bool, ac
     """One fresh run into a new folder under `out` (removing old outputs is not part of a run)."""
     out.mkdir(parents=True, exist_ok=True)
     job = translate.Job(payload, tempfile.mkdtemp(dir=out), batch_size=batch_size, io_workers=io_workers)
-    return translate.run(job, translate.Source(str(inputs)), use_ray=use_ray, actors=actors,
-                         progress=False, commit_every_s=1.0)
+    options = translate.RunOptions(use_ray=use_ray, actors=actors, progress=False, commit_every_s=1.0)
+    return translate.run(job, translate.Source(str(inputs)), options)
 
 
 def compare(args) -> None:
@@ -211,8 +211,8 @@ def io_rate(args, payload, batch: int) -> float:
         rows = [{"id": p.name, "sha256": p.stem, "image": p.read_bytes()} for p in paths]
         tasks = {r["id"]: translate.Task(r["id"], r["sha256"], Path(r["id"]).stem, [0]) for r in rows}
         job = translate.Job(payload, str(Path(tmp, "out")), batch_size=batch, device=args.device,
-                            io_workers=args.io_workers, tasks=tasks)
-        worker = translate.BatchTranslator(job)
+                            io_workers=args.io_workers)
+        worker = translate.BatchTranslator(translate.Work(job, tasks=tasks))
         worker.process(rows)  # warm-up
         steps = max(2, args.images // batch)
         return best_rate(lambda: [worker.process(rows) for _ in range(steps)], steps * batch, args.repeats)

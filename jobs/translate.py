@@ -181,7 +181,7 @@ def exit_status(record: dict, strict: bool) -> int:
 
 def main(argv=None) -> int:
     from pipeline.tracking import ModelNotFound
-    from pipeline.translate import OutputError, Source, load_model, run
+    from pipeline.translate import OutputError, RunOptions, Source, load_model, run
 
     args = parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar is ours
@@ -196,10 +196,11 @@ def main(argv=None) -> int:
         source = Source(_absolute(args.input) if args.input else None, tuple(args.split), args.s3_endpoint)
         print(f"model {payload.info.name} version {payload.info.version} ({payload.model_name}, "
               f"{payload.direction}, {payload.size}px) on {device}{'' if use_ray else ', without Ray'}")
-        record = run(job, source, pairs=args.pairs, overwrite=args.overwrite, use_ray=use_ray,
-                     actors=args.actors, cpus_per_actor=args.cpus_per_actor,
-                     gpus_per_actor=args.gpus_per_actor if device == "cuda" else 0.0,
-                     progress=args.progress, command=command(argv), commit_every_s=args.commit_every)
+        gpus = args.gpus_per_actor if device == "cuda" else 0.0
+        options = RunOptions(pairs=args.pairs, overwrite=args.overwrite, use_ray=use_ray, actors=args.actors,
+                             cpus_per_actor=args.cpus_per_actor, gpus_per_actor=gpus, progress=args.progress,
+                             command=command(argv), commit_every_s=args.commit_every)
+        record = run(job, source, options)
     except (ModelNotFound, FileNotFoundError, OutputError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,165 @@
+"""Planning: `resolve` completes the job from its input before the output folder is opened (so
+the key the manifest is filtered by is final), and `plan` lists the inputs, hashes them and keeps
+the (input, sample) pairs the manifest does not list yet."""
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import pyarrow.parquet as pq
+
+from pipeline import data, images, storage
+from pipeline.translate.job import Job, Task, Work, entry_key
+from pipeline.translate.model import ModelPayload
+from pipeline.translate.outputs import KIND, visible_files
+
+HASH_THREADS = 16  # hashing folder inputs waits on reads (S3), not on the CPU
+
+
+@dataclass
+class Source:
+    """Where the inputs are: a Parquet dataset (has prepare_data's _manifest.json) or a folder."""
+
+    uri: str | None  # None: CoGAN generates without inputs
+    splits: tuple[str, ...] = ()  # dataset: which splits (all when empty)
+    endpoint: str | None = None
+
+    def kind(self) -> str:
+        if self.uri is None:
+            return "none"
+        if storage.is_file(storage.join(self.uri, data.MANIFEST), self.endpoint):
+            manifest = json.loads(storage.read_bytes(storage.join(self.uri, data.MANIFEST), self.endpoint))
+            if manifest.get("kind") != KIND:
+                return "parquet"
+            if manifest.get("format") == "parquet":  # our own output: its images are in shards
+                raise ValueError(f"--input {storage.public_uri(self.uri)} is a Parquet translation output; "
+                                 "translate from PNG/JPEG outputs or a prepare_data.py dataset instead")
+            return "folder"  # our own PNG/JPEG output: a folder of images (translating back, chaining)
+        if not storage.exists(self.uri, self.endpoint) or storage.is_file(self.uri, self.endpoint):
+            raise FileNotFoundError(f"--input {storage.public_uri(self.uri)} is not a folder of images or a "
+                                    "dataset made by prepare_data.py (no such folder)")
+        return "folder"
+
+
+def resolve(job: Job, source: Source) -> Work:
+    """The job made complete before its output folder is opened: on an aligned dataset, the half of
+    each row the model reads is part of what the outputs depend on (and so of the key)."""
+    half = None
+    if source.kind() == "parquet":
+        manifest = data.read_manifest(source.uri, source.endpoint)
+        half = source_domain(manifest, job.payload.direction, job.payload.swap_ab, source.uri)[1]
+    return Work(job, half)
+
+
+@dataclass
+class Plan:
+    tasks: dict  # id -> Task
+    outputs: int  # (input, sample) pairs to translate
+    counts: dict  # inputs, done (skipped), duplicates, ignored files
+    shards: list[str] = field(default_factory=list)  # dataset: the shards to read
+
+
+def plan(work: Work, source: Source, done: dict, rejected: dict | None = None, pairs: int = 0) -> Plan:
+    """The inputs and samples that `done` (the manifest's entries) does not list yet, leaving out
+    inputs `rejected` before (by sha256)."""
+    kind = source.kind()
+    shards, ignored = [], []
+    if kind == "none":
+        inputs = [(f"pair-{i:06d}", None, None) for i in range(pairs)]
+    elif kind == "folder":
+        inputs, ignored = _folder_inputs(source)
+    else:
+        inputs, shards = _dataset_inputs(source, work.job.payload)
+    unique, duplicates = _unique(inputs)
+    rejected = rejected or {}
+    before = [i for i in unique if i[1] in rejected]
+    unique = [i for i in unique if i[1] not in rejected]
+    taken = {e["name"]: key.rpartition("/")[0] for key, e in done.items()}
+    names = output_names([i for i, _, _ in unique], taken, {i: s for i, s, _ in unique})
+    tasks, skipped, samples = {}, 0, work.job.samples
+    for input_id, sha, uri in unique:
+        todo = [k for k in range(samples) if entry_key(sha or input_id, k) not in done]
+        skipped += samples - len(todo)
+        if todo:
+            tasks[input_id] = Task(input_id, sha, names[input_id], todo, uri)
+    counts = {"inputs": len(unique) + len(before), "done_before": skipped, "rejected_before": len(before),
+              "duplicates": duplicates, "ignored": ignored}
+    return Plan(tasks, sum(len(t.samples) for t in tasks.values()), counts, shards)
+
+
+def _folder_inputs(source: Source) -> tuple[list[tuple], list[str]]:
+    """(id, sha256, uri) of every image in the folder, hashed on a thread pool; other files ignored."""
+    files = visible_files(source.uri, source.endpoint)
+    wanted = [f for f in files if images.is_image_name(f)]
+    uris = [storage.join(source.uri, f) for f in wanted]
+
+    def digest(uri: str) -> str | None:
+        try:
+            return data.sha256(storage.read_bytes(uri, source.endpoint))
+        except OSError:  # unreadable now: BatchTranslator reports it per item
+            return None
+
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        shas = list(pool.map(digest, uris))
+    return list(zip(wanted, shas, uris, strict=True)), [f for f in files if f not in set(wanted)]
+
+
+def _dataset_inputs(source: Source, payload: ModelPayload) -> tuple[list[tuple], list[str]]:
+    manifest = data.read_manifest(source.uri, source.endpoint)
+    domain, _ = source_domain(manifest, payload.direction, payload.swap_ab, source.uri)
+    splits = list(source.splits) or sorted(s for s, counts in manifest["counts"].items() if domain in counts)
+    shards = []
+    for split in splits:
+        if domain not in data.split_counts(manifest, split):
+            raise ValueError(f"split {split!r} of {storage.public_uri(source.uri)} has no domain {domain!r}")
+        shards += data.shard_uris(manifest, source.uri, split, domain)
+    inputs = []
+    for uri in shards:
+        fs, path = storage.arrow_filesystem(uri, source.endpoint)
+        table = pq.read_table(path, filesystem=fs, columns=["id", "sha256"])
+        ids, shas = table["id"].to_pylist(), table["sha256"].to_pylist()
+        inputs += [(i, s, None) for i, s in zip(ids, shas, strict=True)]
+    return inputs, shards
+
+
+def source_domain(manifest: dict, direction: str, swap_ab: bool, uri: str = "") -> tuple[str, str | None]:
+    """(stored domain, half) the model reads. Aligned rows hold a|b side by side: direction ab
+    reads the left half, ba the right one, swapped for a model trained with data.swap_ab."""
+    domains = manifest["domains"]
+    if "ab" in domains:
+        return "ab", "left" if (direction == "ab") != swap_ab else "right"
+    domain = direction[0]
+    if domain not in domains:
+        raise ValueError(f"dataset {storage.public_uri(uri)} has domains {sorted(domains)}, none is the "
+                         f"input domain {domain!r} of direction {direction!r}")
+    return domain, None
+
+
+def _unique(inputs: list[tuple]) -> tuple[list[tuple], int]:
+    """One input per content (the first id in sorted order keeps it); unreadable ones kept."""
+    seen, unique = set(), []
+    for input_id, sha, uri in sorted(inputs, key=lambda i: i[0]):
+        if sha is not None and sha in seen:
+            continue
+        seen.add(sha)
+        unique.append((input_id, sha, uri))
+    return unique, len(inputs) - len(unique)
+
+
+def output_names(ids: list[str], taken: dict[str, str], shas: dict[str, str | None]) -> dict[str, str]:
+    """id -> output path without suffix: the id without its extension ("sub/cat.jpg" -> "sub/cat");
+    ids that would share a name keep their extension ("cat_jpg", "cat_png"); a name an earlier
+    output of other content holds gets the input's hash ("cat-1f2e3d4c")."""
+    stems = {i: os.path.splitext(i)[0] for i in ids}
+    counts: dict[str, int] = {}
+    for stem in stems.values():
+        counts[stem] = counts.get(stem, 0) + 1
+    names = {}
+    for i, stem in stems.items():
+        name = stem if counts[stem] == 1 else stem + "_" + os.path.splitext(i)[1].lstrip(".").lower()
+        identity = shas[i] or i
+        if taken.get(name, identity) != identity:
+            name = f"{name}-{identity[:8]}"
+        names[i] = name
+    return names
