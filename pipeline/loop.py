@@ -391,13 +391,7 @@ def image_size(cfg) -> int | None:
 def build_evaluator(cfg, spec, model_cfg, device, split: str):
     from pipeline.evaluation import Evaluator
 
-    return Evaluator(
-        spec, model_cfg, cfg.data.path, split, train_split=cfg.data.train_split, size=image_size(cfg),
-        max_images=cfg.eval.max_images, label_domain=cfg.eval.label_domain,
-        num_classes=cfg.eval.num_classes, cache_dir=os.path.join(cfg.home, "cache"),
-        s3_endpoint=cfg.data.s3_endpoint or None, inception_path=cfg.eval.inception_path,
-        device=device, seed=cfg.train.seed, swap_ab=cfg.data.swap_ab,
-    )
+    return Evaluator.from_config(cfg, split, device, spec, model_cfg)
 
 
 def evaluate(cfg, evaluator, nets, device, prefix: str) -> dict:

@@ -60,8 +60,9 @@ def digit_eval(digits, tmp_path_factory):
     """A CycleGAN MNIST (1 channel) ↔ MNIST-M (3 channels) evaluator; trains and caches classifiers."""
     spec, cfg, nets, _ = tiny_model("cyclegan", channels_a=1, channels_b=3)
     cache = str(tmp_path_factory.mktemp("classifier_cache"))
-    evaluator = ev.Evaluator(spec, cfg, digits, "test", size=32, cache_dir=cache, classifier=FAST_CLASSIFIER,
+    options = ev.EvalOptions(digits, size=32, cache_dir=cache, classifier=FAST_CLASSIFIER,
                              realism=FAST_REALISM)  # fmt: skip
+    evaluator = ev.Evaluator(spec, cfg, options, "test")
     return evaluator, nets, cache
 
 
@@ -268,7 +269,7 @@ def test_evaluator_on_facades_with_a_tiny_cyclegan(facades):
     nets.train()
     nets["D_a"].eval()
     flags = [m.training for m in nets.modules()]
-    evaluator = ev.Evaluator(spec, cfg, facades, "test", size=32, num_classes=12)
+    evaluator = ev.Evaluator(spec, cfg, ev.EvalOptions(facades, size=32, num_classes=12), "test")
     metrics, baselines = evaluator.metrics(nets), evaluator.baselines()
     grids = evaluator.grids(nets, n=3)
     assert [m.training for m in nets.modules()] == flags
@@ -295,7 +296,7 @@ def test_batch_norm_is_evaluated_per_image_and_modes_leave_the_statistics(facade
     with torch.no_grad():  # running statistics away from their initial 0 and 1
         spec.translate(cfg, nets, torch.rand(4, 3, 32, 32) * 2 - 1, "ab")
     state = {k: v.clone() for k, v in nets.state_dict().items()}
-    evaluator = ev.Evaluator(spec, cfg, facades, "test", size=32, label_domain="")
+    evaluator = ev.Evaluator(spec, cfg, ev.EvalOptions(facades, size=32, label_domain=""), "test")
     assert evaluator.mode == "per_image"
     served, running, train = (evaluator.metrics(nets, mode) for mode in (None, "eval", "train"))
     # the default is the per-image function's output: each image alone, its own statistics
@@ -320,7 +321,7 @@ def test_loop_logs_per_image_and_running_statistics_for_batch_norm_only(facades)
     out = {}
     for norm in ("batch", "instance"):
         spec, model_cfg, nets, _ = tiny_model("pix2pix", norm=norm, use_dropout=False)
-        evaluator = ev.Evaluator(spec, model_cfg, facades, "test", size=32, label_domain="")
+        evaluator = ev.Evaluator(spec, model_cfg, ev.EvalOptions(facades, size=32, label_domain=""), "test")
         out[norm] = evaluate(cfg, evaluator, nets, torch.device("cpu"), "test/")
         assert out[norm]["test/l1_ab"] == evaluator.metrics(nets)["eval/l1_ab"]
         assert out[norm]["test_train_mode/l1_ab"] == evaluator.metrics(nets, "train")["eval/l1_ab"]
@@ -336,7 +337,8 @@ def test_loop_logs_per_image_and_running_statistics_for_batch_norm_only(facades)
 
 def test_bicyclegan_uses_mean_z_and_measures_diversity(facades):
     spec, cfg, nets, _ = tiny_model("bicyclegan")
-    evaluator = ev.Evaluator(spec, cfg, facades, "test", size=32, num_classes=12, diversity_samples=3)
+    options = ev.EvalOptions(facades, size=32, num_classes=12, diversity_samples=3)
+    evaluator = ev.Evaluator(spec, cfg, options, "test")
     first, second = evaluator.metrics(nets), evaluator.metrics(nets)
     assert first == second  # z = 0 for the scores and seeded z for diversity: repeatable
     assert first["eval/diversity"] > 0 and "eval/pixel_acc_ab" in first and "eval/l1_ba" not in first
@@ -366,11 +368,12 @@ def test_digit_label_preservation_and_classifier_cache(digit_eval, digits, monke
     def no_training(*args, **kwargs):
         raise AssertionError("the cached classifier should have been loaded")
 
-    monkeypatch.setattr(ev, "train_classifier", no_training)
-    monkeypatch.setattr(ev, "train_realism_judge", no_training)
+    monkeypatch.setattr("pipeline.evaluation.evaluator.train_classifier", no_training)  # where it is called
+    monkeypatch.setattr("pipeline.evaluation.evaluator.train_realism_judge", no_training)
     spec, cfg = evaluator.spec, evaluator.cfg
-    again = ev.Evaluator(spec, cfg, digits, "test", size=32, cache_dir=cache, classifier=FAST_CLASSIFIER,
-                         realism=FAST_REALISM)  # fmt: skip
+    options = ev.EvalOptions(digits, size=32, cache_dir=cache, classifier=FAST_CLASSIFIER,
+                             realism=FAST_REALISM)  # fmt: skip
+    again = ev.Evaluator(spec, cfg, options, "test")
     assert any(note.startswith("classifier b: loaded") for note in again.notes)
     assert any(note.startswith("realism judge ab: loaded") for note in again.notes)
     for d in "ab":
@@ -382,7 +385,8 @@ def test_digit_label_preservation_and_classifier_cache(digit_eval, digits, monke
 def test_cogan_pair_agreement(digit_eval, digits):
     _, _, cache = digit_eval  # the same domains, channels and size: the classifiers come from the cache
     spec, cfg, nets, _ = tiny_model("cogan", channels_a=1, channels_b=3)
-    evaluator = ev.Evaluator(spec, cfg, digits, "test", cache_dir=cache, classifier=FAST_CLASSIFIER, pairs=64)
+    options = ev.EvalOptions(digits, cache_dir=cache, classifier=FAST_CLASSIFIER, pairs=64)
+    evaluator = ev.Evaluator(spec, cfg, options, "test")
     assert sum(note.startswith("classifier") and "loaded" in note for note in evaluator.notes) == 2
     metrics = evaluator.metrics(nets)
     assert set(metrics) == {"eval/pair_agreement", "eval/pair_class_entropy", "eval/judge_acc_a",
@@ -405,11 +409,13 @@ def test_cogan_pair_agreement(digit_eval, digits):
 def test_evaluator_reports_fid_and_kid_with_an_extractor(facades, tmp_path):
     spec, cfg, nets, _ = tiny_model("pix2pix")
     path = scripted_extractor(tmp_path / "inception.pt")
-    evaluator = ev.Evaluator(spec, cfg, facades, "test", size=32, label_domain="", inception_path=path)
+    options = ev.EvalOptions(facades, size=32, label_domain="", inception_path=path)
+    evaluator = ev.Evaluator(spec, cfg, options, "test")
     metrics = evaluator.metrics(nets)
     assert {"eval/fid_ab", "eval/kid_ab"} <= set(metrics) and finite(metrics)
     assert metrics["eval/fid_ab"] > 0 and not any("FID" in note for note in evaluator.notes)
-    missing = ev.Evaluator(spec, cfg, facades, "test", size=32, inception_path=str(tmp_path / "no.pt"))
+    options = ev.EvalOptions(facades, size=32, inception_path=str(tmp_path / "no.pt"))
+    missing = ev.Evaluator(spec, cfg, options, "test")
     assert "eval/fid_ab" not in missing.metrics(nets)
     assert any("does not exist" in note for note in missing.notes)
 
@@ -432,7 +438,23 @@ def test_norm_study_figure_puts_train_and_eval_outputs_side_by_side():
 def test_swap_ab_evaluates_the_right_half_as_input(facades):
     """BicycleGAN / pix2pix recipes translate label maps (stored b) to photos (stored a)."""
     spec, cfg, nets, _ = tiny_model("pix2pix")
-    plain = ev.Evaluator(spec, cfg, facades, "test", size=32, max_images=4, label_domain="")
-    swapped = ev.Evaluator(spec, cfg, facades, "test", size=32, max_images=4, label_domain="", swap_ab=True)
+    plain = ev.Evaluator(spec, cfg, ev.EvalOptions(facades, size=32, max_images=4, label_domain=""), "test")
+    options = ev.EvalOptions(facades, size=32, max_images=4, label_domain="", swap_ab=True)
+    swapped = ev.Evaluator(spec, cfg, options, "test")
     assert torch.equal(swapped.data["a"], plain.data["b"]) and torch.equal(swapped.data["b"], plain.data["a"])
     assert not torch.equal(swapped.mean_images["a"], plain.mean_images["a"])
+
+
+def test_evaluator_from_config_reads_the_run_config(facades, tmp_path):
+    from pipeline.run_config import make_config, override
+
+    settings = {"data.path": facades, "data.load_size": 36, "data.crop_size": 32, "data.swap_ab": True,
+                "eval.max_images": 4, "eval.label_domain": "", "eval.num_classes": 2, "train.seed": 7}
+    cfg = override(make_config("pix2pix"), settings)
+    cfg.home = str(tmp_path)
+    options = ev.EvalOptions.from_config(cfg)
+    assert options == ev.EvalOptions(facades, size=32, max_images=4, label_domain="", num_classes=2,
+                                     cache_dir=str(tmp_path / "cache"), seed=7, swap_ab=True)  # fmt: skip
+    evaluator = ev.Evaluator.from_config(cfg, "test")
+    assert evaluator.cfg is cfg.model and evaluator.spec.name == "pix2pix" and evaluator.seed == 7
+    assert evaluator.swap_ab and evaluator.data["a"].shape == (4, 3, 32, 32)

@@ -62,9 +62,10 @@ def test_evaluator_cache_file_follows_the_recipe(tmp_path):
     dst = str(tmp_path / "ingested")
     data.ingest(str(root), dst, progress=False)
     cache, fast = str(tmp_path / "cache"), {"epochs": 1, "min_steps": 2, "width": 4}
-    first = ev.Evaluator(spec, cfg, dst, "test", cache_dir=cache, classifier=fast, pairs=8)
-    same = ev.Evaluator(spec, cfg, dst, "test", cache_dir=cache, classifier=fast, pairs=8)
-    other = ev.Evaluator(spec, cfg, dst, "test", cache_dir=cache, classifier={**fast, "lr": 1e-3}, pairs=8)
+    first = ev.Evaluator(spec, cfg, ev.EvalOptions(dst, cache_dir=cache, classifier=fast, pairs=8), "test")
+    same = ev.Evaluator(spec, cfg, ev.EvalOptions(dst, cache_dir=cache, classifier=fast, pairs=8), "test")
+    options = ev.EvalOptions(dst, cache_dir=cache, classifier={**fast, "lr": 1e-3}, pairs=8)
+    other = ev.Evaluator(spec, cfg, options, "test")
     assert same.classifier_files == first.classifier_files
     assert sum(": loaded " in note for note in same.notes) == 2
     assert all(other.classifier_files[d] != first.classifier_files[d] for d in "ab")

@@ -17,7 +17,7 @@ import pytest
 
 from models import MODELS
 from pipeline.data import LocalReader
-from pipeline.evaluation import Evaluator
+from pipeline.evaluation import EvalOptions, Evaluator
 from pipeline.loop import train_local
 
 QUICK_JUDGES = {"epochs": 2}
@@ -30,7 +30,7 @@ def test_cogan_pairs_agree_well_above_chance_on_real_digits(real_ingests):
     cfg = spec.Config(ngf=32, ndf=32)  # 28 px, MNIST (a) and USPS (b)
     reader = LocalReader(dst, "train", load_size=28, batch_size=32, flip=False, seed=0)
     nets, *_ = train_local(spec, cfg, reader, steps=600, seed=0)
-    evaluator = Evaluator(spec, cfg, dst, "val", size=28, classifier=QUICK_JUDGES, pairs=256)
+    evaluator = Evaluator(spec, cfg, EvalOptions(dst, size=28, classifier=QUICK_JUDGES, pairs=256), "val")
     agreement = evaluator.metrics(nets)["eval/pair_agreement"]
     print("pair agreement", agreement)
     assert agreement >= 0.35, agreement  # chance 0.10
@@ -43,8 +43,8 @@ def test_cyclegan_keeps_mnist_m_digits_well_above_the_untranslated_floor(real_in
     cfg = spec.Config(channels_a=1, channels_b=3, lambda_identity=0.0, ngf=16, ndf=16, n_blocks=2)
     reader = LocalReader(dst, "train", load_size=32, batch_size=4, flip=False, seed=0)
     nets, *_ = train_local(spec, cfg, reader, steps=400, seed=0)
-    evaluator = Evaluator(spec, cfg, dst, "test", size=32, max_images=300, label_domain="",
-                          classifier=QUICK_JUDGES)
+    options = EvalOptions(dst, size=32, max_images=300, label_domain="", classifier=QUICK_JUDGES)
+    evaluator = Evaluator(spec, cfg, options, "test")
     floor = evaluator.baselines()["baseline/label_acc_ba"]
     kept = evaluator.metrics(nets)["eval/label_acc_ba"]
     print("label_acc_ba", kept, "floor", floor)
