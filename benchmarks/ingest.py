@@ -68,7 +68,7 @@ def pairs_per_s(batches, repeats: int) -> float:
 
 def timed_ingest(src: Path, dst: str, **kw) -> tuple[float, dict]:
     start = time.perf_counter()
-    manifest = data.ingest(str(src), dst, progress=False, **kw)
+    manifest = data.ingest(str(src), dst, data.IngestOptions(**kw), progress=False)
     elapsed = time.perf_counter() - start
     return manifest["rows"] / elapsed, manifest
 
@@ -82,7 +82,7 @@ def ray_pairs_per_s(dst: str, split: str, crop_size: int, cpus: int, repeats: in
     try:
 
         def batches():
-            ds = data.augmented_dataset(dst, split, crop_size=crop_size, seed=0)
+            ds = data.augmented_dataset(data.ReadSpec(dst, split, crop_size=crop_size, seed=0))
             return ds.iter_torch_batches(batch_size=16)
 
         return pairs_per_s(batches, repeats) / cpus
@@ -118,9 +118,10 @@ def main() -> None:
         baseline = pairs_per_s(lambda: iter(loader), args.repeats)
 
         def reader(dst, load_size=None):
-            return lambda: data.LocalReader(
-                dst, split, args.crop_size, load_size, args.batch_size, seed=0, flip=True
+            spec = data.ReadSpec(
+                dst, split, args.batch_size, load_size, args.crop_size, flip=True, seed=0
             )
+            return lambda: data.LocalReader(spec)
 
         parquet = pairs_per_s(reader(resized), args.repeats)
         parquet_raw = pairs_per_s(reader(raw, args.load_size), args.repeats)

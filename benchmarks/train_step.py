@@ -160,7 +160,7 @@ def ingest_once(args, workdir: str) -> tuple[str | None, str]:
         from pipeline import data
 
         dst = os.path.join(workdir, "data")
-        data.ingest(str(args.src), dst, load_size=load_size(args.size), progress=False)
+        data.ingest(str(args.src), dst, data.IngestOptions(load_size=load_size(args.size)), progress=False)
         return dst, ""
     except Exception as exc:  # a missing dependency (pyarrow, PIL) only skips the loop figures
         return None, f"ingest failed: {exc!r}"

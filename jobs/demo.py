@@ -16,7 +16,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from models import MODELS  # noqa: E402
-from pipeline.data import LocalReader, ingest  # noqa: E402
+from pipeline.data import IngestOptions, LocalReader, ReadSpec, ingest  # noqa: E402
 from pipeline.evaluation import save_png, translation_grid  # noqa: E402
 from pipeline.loop import train_local  # noqa: E402
 
@@ -36,12 +36,12 @@ def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     data = os.path.join(args.out, "data", "facades_small")
     manifest = ingest(os.path.join(ROOT, "tests", "assets", "facades_small"), data,
-                      layout="aligned", load_size=args.size + args.size // 8, progress=False)
+                      IngestOptions(layout="aligned", load_size=args.size + args.size // 8), progress=False)
     print(f"ingested {manifest['rows']} rows into {data}")
     spec = MODELS["cyclegan"]
     cfg = spec.Config(ngf=16, ndf=16, n_blocks=3)
-    train = LocalReader(data, "train", crop_size=args.size, batch_size=args.batch_size, seed=0)
-    test = next(iter(LocalReader(data, "test", load_size=args.size, batch_size=4, flip=False)))
+    train = LocalReader(ReadSpec(data, "train", batch_size=args.batch_size, crop_size=args.size, seed=0))
+    test = next(iter(LocalReader(ReadSpec(data, "test", batch_size=4, load_size=args.size, flip=False))))
     samples = os.path.join(args.out, "samples")
 
     def write_grids(step, nets, losses):

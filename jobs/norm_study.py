@@ -64,13 +64,12 @@ def final_nets(cfg):
 
 def figure(configs: dict, images: int):
     """{direction: figure tensor} over the same validation inputs for every norm."""
-    from pipeline.data import LocalReader
+    from pipeline.data import LocalReader, ReadSpec
     from pipeline.evaluation import norm_study_figure, train_eval_outputs
 
     first = next(iter(configs.values()))
-    size = first.data.crop_size or first.data.load_size or None
-    val = next(iter(LocalReader(first.data.path, first.data.val_split, load_size=size, batch_size=images,
-                                flip=False, s3_endpoint=first.data.s3_endpoint or None)))
+    read = dataclasses.replace(ReadSpec.from_config(first, train=False), batch_size=images, seed=0)
+    val = next(iter(LocalReader(read)))
     out = {}
     for direction, x in (("ab", val["a"]), ("ba", val["b"])):
         rows = {}

@@ -13,7 +13,7 @@ import logging
 import shlex
 import sys
 
-from pipeline import data, storage
+from pipeline import data, images, storage
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -32,7 +32,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--shard-rows", type=int, default=data.DEFAULT_SHARD_ROWS)
     p.add_argument("--shard-mb", type=float, default=data.DEFAULT_SHARD_BYTES / 2**20)
-    p.add_argument("--max-pixels", type=int, default=data.images.MAX_PIXELS, help="reject larger images")
+    p.add_argument("--max-pixels", type=int, default=images.MAX_PIXELS, help="reject larger images")
     p.add_argument(
         "--val-fraction",
         type=float,
@@ -56,19 +56,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        manifest = data.ingest(
-            args.src,
-            args.dst,
-            args.layout,
-            args.split,
-            args.load_size,
-            args.shard_rows,
-            args.strict,
-            args.s3_endpoint,
+        options = data.IngestOptions(
+            layout=args.layout,
+            splits=args.split,
+            load_size=args.load_size,
+            shard_rows=args.shard_rows,
             shard_bytes=int(args.shard_mb * 2**20),
             max_pixels=args.max_pixels,
             val_fraction=args.val_fraction,
+            strict=args.strict,
             workers=args.workers,
+        )
+        manifest = data.ingest(
+            args.src,
+            args.dst,
+            options,
+            args.s3_endpoint,
             progress=not args.no_progress,
             command=shlex.join(["python", "jobs/prepare_data.py", *argv]),
         )

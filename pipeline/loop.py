@@ -119,17 +119,17 @@ def batches_per_epoch(cfg, world: int) -> int:
 
 def epoch_batches(cfg, world: int, rank: int, epoch: int, skip_batches: int):
     """This rank's batches of one epoch, starting after `skip_batches` (resume)."""
-    d = cfg.data
-    kwargs = dict(crop_size=d.crop_size or None, load_size=d.load_size or None, seed=cfg.train.seed,
-                  epoch=epoch, flip=d.flip, world_size=world, rank=rank,
-                  s3_endpoint=d.s3_endpoint or None, skip=skip_batches * cfg.train.batch_size)
-    if d.reader == "ray":
+    from pipeline.data import ReadSpec
+
+    spec = ReadSpec.from_config(cfg)
+    where = dict(epoch=epoch, world_size=world, rank=rank, skip=skip_batches * spec.batch_size)
+    if cfg.data.reader == "ray":
         from pipeline.data import ray_batches
 
-        return ray_batches(d.path, d.train_split, cfg.train.batch_size, drop_last=True, **kwargs)
+        return ray_batches(spec, **where)
     from pipeline.data import LocalReader
 
-    return iter(LocalReader(d.path, d.train_split, batch_size=cfg.train.batch_size, drop_last=True, **kwargs))
+    return iter(LocalReader(spec, **where))
 
 
 def batch_stream(cfg, world: int, rank: int, progress: Progress, per_step: int = 1):

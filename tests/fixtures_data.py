@@ -83,7 +83,7 @@ def s3_env(s3_server, monkeypatch, tmp_path):
 def facades_small_dst(tmp_path_factory) -> str:
     """tests/assets/facades_small ingested with small shards (several per split)."""
     dst = str(tmp_path_factory.mktemp("facades_small"))
-    data.ingest(str(FACADES_SMALL), dst, shard_rows=8, progress=False)
+    data.ingest(str(FACADES_SMALL), dst, data.IngestOptions(shard_rows=8), progress=False)
     return dst
 
 

@@ -111,7 +111,8 @@ def test_rows_have_the_schema_and_unique_ids(facades_small_dst):
 
 
 def test_shards_are_also_cut_by_bytes(tmp_path):
-    manifest = data.ingest(str(FACADES_SMALL), str(tmp_path), shard_bytes=150_000, progress=False)
+    options = data.IngestOptions(shard_bytes=150_000)
+    manifest = data.ingest(str(FACADES_SMALL), str(tmp_path), options, progress=False)
     assert sum(s["rows"] for s in manifest["shards"]) == 32 and len(manifest["shards"]) >= 11
     for shard in manifest["shards"]:
         images = pq.read_table(tmp_path / shard["path"], columns=["image"])["image"].to_pylist()
@@ -125,7 +126,8 @@ def test_content_hash_is_sha256_over_sorted_id_tab_sha_lines(facades_small_dst):
 
 
 def test_load_size_resizes_at_ingest_and_reencodes(tmp_path):
-    manifest = data.ingest(str(FACADES_SMALL), str(tmp_path), load_size=64, progress=False)
+    options = data.IngestOptions(load_size=64)
+    manifest = data.ingest(str(FACADES_SMALL), str(tmp_path), options, progress=False)
     rows = all_rows(tmp_path, manifest)
     assert manifest["load_size"] == 64
     assert {(r["width"], r["height"], r["format"]) for r in rows} == {(128, 64, "jpeg")}
@@ -147,7 +149,8 @@ def test_unpaired_labels_from_csv(tmp_path):
             Image.new("L" if folder.endswith("A") else "RGB", (8, 8), k * 40).save(src / folder / name)
     (src / "labels_trainA.csv").write_text("filename,label\nx1.png,3\nx2.png,7\n")
     (src / "trainB" / "labels.csv").write_text("filename,label\ny1.png,5\n")
-    manifest = data.ingest(str(src), str(tmp_path / "out"), val_fraction=0, progress=False)
+    no_val = data.IngestOptions(val_fraction=0)
+    manifest = data.ingest(str(src), str(tmp_path / "out"), no_val, progress=False)
     assert manifest["layout"] == "unpaired"
     assert manifest["domains"] == {
         "a": {"channels": 1, "labelled": False},
@@ -181,7 +184,8 @@ def test_single_npz_file_is_one_labelled_domain(tmp_path):
     np.savez(
         tmp_path / "tiny.npz", x_train=pixels, y_train=np.arange(5), x_test=pixels[:2], y_test=np.arange(2)
     )
-    manifest = data.ingest(str(tmp_path / "tiny.npz"), str(tmp_path / "out"), val_fraction=0, progress=False)
+    no_val = data.IngestOptions(val_fraction=0)
+    manifest = data.ingest(str(tmp_path / "tiny.npz"), str(tmp_path / "out"), no_val, progress=False)
     assert manifest["layout"] == "digits" and manifest["counts"] == {"test": {"a": 2}, "train": {"a": 5}}
     rows = sorted(all_rows(tmp_path / "out", manifest), key=lambda r: r["id"])
     assert rows[-1]["id"] == "train/tiny.npz/x_train/000004" and rows[-1]["label"] == 4
@@ -203,7 +207,7 @@ def test_missing_or_empty_source_is_a_clear_error(tmp_path, case):
 
 def test_unknown_layout_is_refused(tmp_path):
     with pytest.raises(data.IngestError, match="unknown layout 'pix2pix'"):
-        data.ingest(str(FACADES_SMALL), str(tmp_path), layout="pix2pix", progress=False)
+        data.ingest(str(FACADES_SMALL), str(tmp_path), data.IngestOptions(layout="pix2pix"), progress=False)
     result = run_cli(FACADES_SMALL, tmp_path, "--layout", "pix2pix")
     assert result.returncode == 2 and "invalid choice: 'pix2pix'" in result.stderr
 
@@ -219,7 +223,7 @@ def test_unknown_split_lists_the_available_ones(tmp_path):
     with pytest.raises(
         data.IngestError, match=r"\['valid'\] not in the source; available: \['test', 'train', 'val'\]"
     ):
-        data.ingest(str(FACADES_SMALL), str(tmp_path), splits=["valid"], progress=False)
+        data.ingest(str(FACADES_SMALL), str(tmp_path), data.IngestOptions(splits=["valid"]), progress=False)
 
 
 def test_split_option_and_auto_layout_report(tmp_path):
@@ -245,12 +249,12 @@ def test_reading_a_folder_without_manifest_says_why(tmp_path):
 
 def test_rerun_is_idempotent_and_removes_stale_shards(tmp_path):
     dst = str(tmp_path / "out")
-    first = data.ingest(str(FACADES_SMALL), dst, shard_rows=5, progress=False)
+    first = data.ingest(str(FACADES_SMALL), dst, data.IngestOptions(shard_rows=5), progress=False)
     files = {p: (Path(dst) / p).read_bytes() for p in parquet_files(dst)}
-    second = data.ingest(str(FACADES_SMALL), dst, shard_rows=5, progress=False)
+    second = data.ingest(str(FACADES_SMALL), dst, data.IngestOptions(shard_rows=5), progress=False)
     assert second == first
     assert {p: (Path(dst) / p).read_bytes() for p in parquet_files(dst)} == files
-    third = data.ingest(str(FACADES_SMALL), dst, shard_rows=100, progress=False)
+    third = data.ingest(str(FACADES_SMALL), dst, data.IngestOptions(shard_rows=100), progress=False)
     assert third["content_hash"] == first["content_hash"]
     assert parquet_files(dst) == sorted(s["path"] for s in third["shards"]) and len(third["shards"]) == 3
     ids = [r["id"] for r in all_rows(dst, third)]

@@ -1,5 +1,7 @@
 """Ray Data readers: same batches as LocalReader, deterministic per worker, inside Ray Train too."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +11,8 @@ from pipeline import data
 pytestmark = pytest.mark.integration
 
 
-def local_epoch(dst, split, **kw) -> dict[str, torch.Tensor]:
-    batches = list(data.LocalReader(dst, split, batch_size=1000, **kw))
+def local_epoch(spec, **where) -> dict[str, torch.Tensor]:
+    batches = list(data.LocalReader(dataclasses.replace(spec, batch_size=1000), **where))
     return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
 
 
@@ -27,19 +29,19 @@ def test_raw_rows_are_the_manifest_shards(ray_cluster, facades_small_dst):
 
 
 def test_aligned_ray_epoch_equals_local_reader_for_each_rank(ray_cluster, facades_small_dst):
-    kw = {"crop_size": 48, "load_size": 60, "seed": 11, "epoch": 1, "world_size": 2}
+    spec = data.ReadSpec(facades_small_dst, "train", crop_size=48, load_size=60, seed=11)
     for rank in (0, 1):
-        got = ray_epoch(data.augmented_dataset(facades_small_dst, "train", rank=rank, **kw))
-        want = local_epoch(facades_small_dst, "train", rank=rank, **kw)
+        got = ray_epoch(data.augmented_dataset(spec, epoch=1, world_size=2, rank=rank))
+        want = local_epoch(spec, epoch=1, world_size=2, rank=rank)
         assert set(got) == {"a", "b"} and got["a"].shape == (11, 3, 48, 48)
         assert torch.equal(got["a"], want["a"]) and torch.equal(got["b"], want["b"])
 
 
 def test_unpaired_ray_epoch_equals_local_reader_with_labels(ray_cluster, real_ingests):
     dst, _ = real_ingests["mnist2mnistm"]
-    kw = {"crop_size": 28, "load_size": 32, "seed": 4, "epoch": 3, "channels": 3}
-    got = ray_epoch(data.augmented_dataset(dst, "val", **kw))
-    want = local_epoch(dst, "val", **kw)
+    spec = data.ReadSpec(dst, "val", crop_size=28, load_size=32, seed=4, channels=3)
+    got = ray_epoch(data.augmented_dataset(spec, epoch=3))
+    want = local_epoch(spec, epoch=3)
     assert set(got) == {"a", "b", "label_a", "label_b"}
     assert got["a"].shape == (400, 3, 28, 28) and got["label_b"].dtype == torch.int64
     for key in want:
@@ -48,9 +50,8 @@ def test_unpaired_ray_epoch_equals_local_reader_with_labels(ray_cluster, real_in
 
 def test_ray_epochs_are_repeatable_and_differ_between_epochs(ray_cluster, facades_small_dst):
     def run(epoch):
-        ds = data.augmented_dataset(
-            facades_small_dst, "test", crop_size=32, load_size=40, seed=2, epoch=epoch
-        )
+        spec = data.ReadSpec(facades_small_dst, "test", crop_size=32, load_size=40, seed=2)
+        ds = data.augmented_dataset(spec, epoch=epoch)
         return ray_epoch(ds)["a"]
 
     first = run(0)
@@ -68,9 +69,8 @@ def test_ray_train_workers_read_their_own_deterministic_shard(ray_cluster, facad
         from pipeline import data as d
 
         rank = ray.train.get_context().get_world_rank()
-        batches = d.ray_batches(
-            config["dst"], "train", batch_size=4, crop_size=32, load_size=40, seed=5, epoch=1
-        )
+        spec = d.ReadSpec(config["dst"], "train", 4, load_size=40, crop_size=32, seed=5, drop_last=True)
+        batches = d.ray_batches(spec, epoch=1)
         stacked = torch.cat([b["a"] for b in batches]).numpy()
         np.save(f"{config['out']}/rank{rank}.npy", stacked)
 
@@ -83,9 +83,9 @@ def test_ray_train_workers_read_their_own_deterministic_shard(ray_cluster, facad
     trainer.fit()
     for rank in (0, 1):
         got = np.load(tmp_path / f"rank{rank}.npy")
-        want = local_epoch(
-            facades_small_dst, "train", crop_size=32, load_size=40, seed=5, epoch=1, world_size=2, rank=rank
-        )["a"][:8]  # 11 rows per rank, drop_last with batch 4
+        spec = data.ReadSpec(facades_small_dst, "train", crop_size=32, load_size=40, seed=5)
+        # 11 rows per rank, drop_last with batch 4
+        want = local_epoch(spec, epoch=1, world_size=2, rank=rank)["a"][:8]
         assert got.shape == (8, 3, 32, 32)
         assert np.array_equal(got, want.numpy())
 

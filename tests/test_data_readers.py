@@ -1,13 +1,18 @@
 """LocalReader: tensors, pairing, augmentation, determinism, worker shards, channels and labels."""
 
+import dataclasses
 import hashlib
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fixtures_data import REPO
 from PIL import Image
 
 from pipeline import data
@@ -40,7 +45,7 @@ def collect(reader) -> list[dict]:
 
 def test_aligned_batches_are_left_and_right_halves_of_the_same_pair(facades_small_dst):
     pairs = stored_pairs(facades_small_dst, "train")
-    reader = data.LocalReader(facades_small_dst, "train", batch_size=5, flip=False)
+    reader = data.LocalReader(data.ReadSpec(facades_small_dst, "train", batch_size=5, flip=False))
     seen = []
     for batch in reader:
         assert set(batch) == {"a", "b"}
@@ -53,9 +58,11 @@ def test_aligned_batches_are_left_and_right_halves_of_the_same_pair(facades_smal
 
 
 def test_crop_and_flip_are_identical_for_a_and_b(facades_small_dst):
-    plain = data.LocalReader(facades_small_dst, "train", batch_size=22, flip=False, seed=3)
+    plain = data.LocalReader(data.ReadSpec(facades_small_dst, "train", batch_size=22, flip=False, seed=3))
     full = next(iter(plain))
-    aug = data.LocalReader(facades_small_dst, "train", crop_size=240, batch_size=22, flip=True, seed=3)
+    aug = data.LocalReader(
+        data.ReadSpec(facades_small_dst, "train", crop_size=240, batch_size=22, flip=True, seed=3)
+    )
     batch = next(iter(aug))
     flipped = 0
     for k in range(22):
@@ -84,7 +91,7 @@ def find_window(crop: np.ndarray, full: np.ndarray):
 
 def test_values_in_range_and_load_size_resizes(facades_small_dst):
     batch = next(
-        iter(data.LocalReader(facades_small_dst, "test", crop_size=64, load_size=72, batch_size=8, seed=0))
+        iter(data.LocalReader(data.ReadSpec(facades_small_dst, "test", 8, load_size=72, crop_size=64)))
     )
     assert batch["a"].shape == batch["b"].shape == (8, 3, 64, 64)
     for x in (batch["a"], batch["b"]):
@@ -92,15 +99,17 @@ def test_values_in_range_and_load_size_resizes(facades_small_dst):
 
 
 def test_same_seed_epoch_and_workers_give_the_same_batches(facades_small_dst):
-    def run(**kw):
-        args = {"crop_size": 64, "load_size": 80, "batch_size": 4, "seed": 7, "epoch": 2} | kw
-        return torch.cat([b["a"] for b in data.LocalReader(facades_small_dst, "train", **args)])
+    spec = data.ReadSpec(facades_small_dst, "train", crop_size=64, load_size=80, batch_size=4, seed=7)
+
+    def run(seed=7, epoch=2):
+        reader = data.LocalReader(dataclasses.replace(spec, seed=seed), epoch=epoch)
+        return torch.cat([b["a"] for b in reader])
 
     first = run()
     assert torch.equal(first, run())
     assert not torch.equal(first, run(epoch=3))
     assert not torch.equal(first, run(seed=8))
-    reader = data.LocalReader(facades_small_dst, "train", crop_size=64, load_size=80, batch_size=4, seed=7)
+    reader = data.LocalReader(spec)
     reader.set_epoch(2)
     assert torch.equal(first, torch.cat([b["a"] for b in reader]))
 
@@ -108,9 +117,8 @@ def test_same_seed_epoch_and_workers_give_the_same_batches(facades_small_dst):
 def test_worker_shards_are_disjoint_equal_sized_and_cover_the_epoch(facades_small_dst):
     shards = []
     for rank in range(3):
-        reader = data.LocalReader(
-            facades_small_dst, "train", batch_size=3, flip=False, seed=1, world_size=3, rank=rank
-        )
+        spec = data.ReadSpec(facades_small_dst, "train", batch_size=3, flip=False, seed=1)
+        reader = data.LocalReader(spec, world_size=3, rank=rank)
         shards.append([digest(to_uint8(a)) for b in reader for a in b["a"]])
     assert [len(s) for s in shards] == [7, 7, 7]  # 22 rows: 22 // 3 each, equal steps for DDP
     everything = [k for s in shards for k in s]
@@ -118,14 +126,14 @@ def test_worker_shards_are_disjoint_equal_sized_and_cover_the_epoch(facades_smal
 
 
 def test_rank_out_of_range_is_refused(facades_small_dst):
-    reader = data.LocalReader(facades_small_dst, "train", world_size=2, rank=2)
+    reader = data.LocalReader(data.ReadSpec(facades_small_dst, "train"), world_size=2, rank=2)
     with pytest.raises(ValueError, match="rank 2 is not in 0..1"):
         next(iter(reader))
 
 
 def test_unpaired_gray_and_rgb_domains_with_labels(real_ingests):
     dst, _ = real_ingests["mnist2mnistm"]
-    reader = data.LocalReader(dst, "val", batch_size=50, seed=0, flip=False)
+    reader = data.LocalReader(data.ReadSpec(dst, "val", batch_size=50, seed=0, flip=False))
     batches = collect(reader)
     assert len(batches) == 8  # an epoch is max(400 a, 200 b) = 400 positions
     first = batches[0]
@@ -142,7 +150,8 @@ def test_unpaired_domains_are_shuffled_independently_each_epoch(real_ingests):
     dst, _ = real_ingests["mnist2mnistm"]
 
     def epoch(e):
-        batch = next(iter(data.LocalReader(dst, "val", batch_size=400, seed=0, epoch=e, flip=False)))
+        spec = data.ReadSpec(dst, "val", batch_size=400, seed=0, flip=False)
+        batch = next(iter(data.LocalReader(spec, epoch=e)))
         a = [digest(to_uint8(x)) for x in batch["a"]]
         b = [digest(to_uint8(x)) for x in batch["b"]]
         return a, b
@@ -163,23 +172,24 @@ def test_labels_belong_to_their_images(real_ingests):
             for row in table:
                 pixels = np.asarray(Image.open(io.BytesIO(row["image"])))[:, :, None]
                 labels[digest(pixels)] = row["label"]
-    batch = next(iter(data.LocalReader(dst, "test", batch_size=64, flip=False, seed=5)))
+    batch = next(iter(data.LocalReader(data.ReadSpec(dst, "test", batch_size=64, flip=False, seed=5))))
     for image, label in zip(batch["a"], batch["label_a"], strict=True):
         assert labels[digest(to_uint8(image))] == label
 
 
 def test_channels_option_replicates_gray(real_ingests):
     dst, _ = real_ingests["mnist2mnistm"]
-    batch = next(iter(data.LocalReader(dst, "val", load_size=32, crop_size=32, batch_size=4, channels=3)))
+    spec = data.ReadSpec(dst, "val", batch_size=4, load_size=32, crop_size=32, channels=3)
+    batch = next(iter(data.LocalReader(spec)))
     assert batch["a"].shape == batch["b"].shape == (4, 3, 32, 32)
     assert torch.equal(batch["a"][:, 0], batch["a"][:, 2])
     with pytest.raises(ValueError, match="channels must be None"):
-        data.LocalReader(dst, "val", channels=2)
+        data.LocalReader(data.ReadSpec(dst, "val", channels=2))
 
 
 def test_digit_domains_of_different_sizes_meet_at_load_size(real_ingests):
     dst, _ = real_ingests["digits"]
-    batch = next(iter(data.LocalReader(dst, "val", load_size=32, batch_size=16)))
+    batch = next(iter(data.LocalReader(data.ReadSpec(dst, "val", load_size=32, batch_size=16))))
     assert batch["a"].shape == batch["b"].shape == (16, 1, 32, 32)
     assert set(batch) == {"a", "b", "label_a", "label_b"}
     assert batch["label_b"].min() >= 0 and batch["label_b"].max() <= 9
@@ -189,7 +199,28 @@ def test_reader_errors_name_the_problem(real_ingests, facades_small_dst):
     with pytest.raises(
         KeyError, match=r"split 'valid' not in the dataset; available: \['test', 'train', 'val'\]"
     ):
-        data.LocalReader(facades_small_dst, "valid")
+        data.LocalReader(data.ReadSpec(facades_small_dst, "valid"))
     dst, _ = real_ingests["mnist2mnistm"]
     with pytest.raises(ValueError, match="crop_size 30 is larger than the image"):
-        next(iter(data.LocalReader(dst, "val", crop_size=30)))
+        next(iter(data.LocalReader(data.ReadSpec(dst, "val", crop_size=30))))
+
+
+def test_read_spec_from_config_holds_the_runs_reader_settings(facades_small_dst, tmp_path):
+    from runs import tiny_run
+
+    cfg = tiny_run(tmp_path, facades_small_dst, batch_size=4)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=5))
+    train = data.ReadSpec(facades_small_dst, "train", 4, load_size=36, crop_size=32, flip=True, seed=5,
+                          drop_last=True)  # fmt: skip
+    assert data.ReadSpec.from_config(cfg) == train
+    # evaluation: whole images at the size the nets see (the crop), no flip, every batch kept
+    evaluation = data.ReadSpec(facades_small_dst, "test", load_size=32, flip=False, seed=5)
+    assert data.ReadSpec.from_config(cfg, "test", train=False) == evaluation
+
+
+def test_importing_the_data_package_loads_neither_ray_nor_torch():
+    """Ingest (prepare_data.py) and the Ray tasks that only decode run without Ray or torch loaded."""
+    code = "import sys, pipeline.data; print(sorted(m for m in ('ray', 'torch') if m in sys.modules))"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.strip() == "[]"

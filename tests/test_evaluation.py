@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def facades(tmp_path_factory):
     dst = str(tmp_path_factory.mktemp("facades36"))
-    data.ingest(FACADES_SMALL, dst, load_size=36, progress=False)
+    data.ingest(FACADES_SMALL, dst, data.IngestOptions(load_size=36), progress=False)
     return dst
 
 
@@ -283,8 +283,8 @@ def test_evaluator_on_facades_with_a_tiny_cyclegan(facades):
     assert grids["ab"].shape == (3, 3 * 34 + 2, 3 * 34 + 2) and set(grids) == {"ab", "ba"}
     assert any("FID/KID skipped" in note and "inception_path" in note for note in evaluator.notes)
     # the baseline is the mean training label map, scored against the test label maps
-    train = [b["b"] for b in data.LocalReader(facades, "train", load_size=32, flip=False, batch_size=8)]
-    test = next(iter(data.LocalReader(facades, "test", load_size=32, flip=False, batch_size=8)))["b"]
+    train = [b["b"] for b in data.LocalReader(data.ReadSpec(facades, "train", 8, load_size=32, flip=False))]
+    test = next(iter(data.LocalReader(data.ReadSpec(facades, "test", 8, load_size=32, flip=False))))["b"]
     mean = torch.cat(train).mean(0, keepdim=True).expand_as(test)
     assert baselines["baseline/psnr_ab"] == pytest.approx(ev.psnr(mean, test), rel=1e-5)
     assert evaluator.metrics(nets) == metrics  # eval mode: deterministic

@@ -28,7 +28,7 @@ def mnist2mnistm(tmp_path_factory):
     data.ingest(os.path.join(DATASETS, "mnist2mnistm"), dst, progress=False)
     out = {}
     for split in ("train", "test"):
-        reader = data.LocalReader(dst, split, load_size=32, flip=False, batch_size=4000)
+        reader = data.LocalReader(data.ReadSpec(dst, split, 4000, load_size=32, flip=False))
         batch = next(iter(reader))  # one batch holds a whole split; b (fewer images) is cut below
         n_b = reader.counts["b"]
         out[split] = {k: v[:n_b] if k.endswith("b") else v for k, v in batch.items()}

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from models import MODELS
-from pipeline.data import LocalReader
+from pipeline.data import LocalReader, ReadSpec
 from pipeline.evaluation import EvalOptions, Evaluator
 from pipeline.loop import train_local
 
@@ -28,7 +28,7 @@ def test_cogan_pairs_agree_well_above_chance_on_real_digits(real_ingests):
     dst, _ = real_ingests["digits"]
     spec = MODELS["cogan"]
     cfg = spec.Config(ngf=32, ndf=32)  # 28 px, MNIST (a) and USPS (b)
-    reader = LocalReader(dst, "train", load_size=28, batch_size=32, flip=False, seed=0)
+    reader = LocalReader(ReadSpec(dst, "train", 32, load_size=28, flip=False, seed=0))
     nets, *_ = train_local(spec, cfg, reader, steps=600, seed=0)
     evaluator = Evaluator(spec, cfg, EvalOptions(dst, size=28, classifier=QUICK_JUDGES, pairs=256), "val")
     agreement = evaluator.metrics(nets)["eval/pair_agreement"]
@@ -41,7 +41,7 @@ def test_cyclegan_keeps_mnist_m_digits_well_above_the_untranslated_floor(real_in
     dst, _ = real_ingests["mnist2mnistm"]
     spec = MODELS["cyclegan"]
     cfg = spec.Config(channels_a=1, channels_b=3, lambda_identity=0.0, ngf=16, ndf=16, n_blocks=2)
-    reader = LocalReader(dst, "train", load_size=32, batch_size=4, flip=False, seed=0)
+    reader = LocalReader(ReadSpec(dst, "train", 4, load_size=32, flip=False, seed=0))
     nets, *_ = train_local(spec, cfg, reader, steps=400, seed=0)
     options = EvalOptions(dst, size=32, max_images=300, label_domain="", classifier=QUICK_JUDGES)
     evaluator = Evaluator(spec, cfg, options, "test")

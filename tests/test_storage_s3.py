@@ -4,6 +4,7 @@ Credentials reach the code only through the AWS environment (fixture s3_env); ev
 can produce output checks that the secret is not in it.
 """
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -52,17 +53,17 @@ def test_ingest_to_s3_and_read_back_locally_and_with_ray(
 ):
     dst = f"{bucket}/facades"
     with caplog.at_level(logging.DEBUG):
-        manifest = data.ingest(str(FACADES_SMALL), dst, shard_rows=8, progress=True)
+        manifest = data.ingest(str(FACADES_SMALL), dst, data.IngestOptions(shard_rows=8), progress=True)
     local = data.read_manifest(facades_small_dst)
     assert manifest["content_hash"] == local["content_hash"] and manifest["counts"] == local["counts"]
     listed = storage.list_files(dst)
     assert listed == sorted([data.MANIFEST, *(s["path"] for s in manifest["shards"])])
-    kw = {"crop_size": 64, "load_size": 72, "batch_size": 100, "seed": 3, "world_size": 2, "rank": 1}
-    from_s3 = next(iter(data.LocalReader(dst, "train", **kw)))
-    from_disk = next(iter(data.LocalReader(facades_small_dst, "train", **kw)))
+    spec = data.ReadSpec(dst, "train", 100, load_size=72, crop_size=64, seed=3)
+    from_s3 = next(iter(data.LocalReader(spec, world_size=2, rank=1)))
+    on_disk = dataclasses.replace(spec, path=facades_small_dst)
+    from_disk = next(iter(data.LocalReader(on_disk, world_size=2, rank=1)))
     assert torch.equal(from_s3["a"], from_disk["a"]) and torch.equal(from_s3["b"], from_disk["b"])
-    ray_kw = {k: v for k, v in kw.items() if k != "batch_size"}
-    rows = data.augmented_dataset(dst, "train", **ray_kw).take_all()
+    rows = data.augmented_dataset(spec, world_size=2, rank=1).take_all()
     first = data.to_float({"a": torch.tensor(rows[0]["a"])[None]})["a"]  # rows are uint8 H x W x C
     assert rows[0]["a"].shape == (64, 64, 3) and torch.equal(first, from_disk["a"][:1])
     out, err = capfd.readouterr()

@@ -121,7 +121,7 @@ def test_data_and_checkpoints_on_s3(tmp_path, s3_env, facades_small_dst, ray_clu
     from pipeline import data, storage
 
     bucket = s3_env.make_bucket("train-on-s3")
-    data.ingest(str(FACADES_SMALL), f"{bucket}/facades", shard_rows=8, progress=False)
+    data.ingest(str(FACADES_SMALL), f"{bucket}/facades", data.IngestOptions(shard_rows=8), progress=False)
     cfg = tiny_run(tmp_path, f"{bucket}/facades", "cyclegan", name="s3run", steps=14, every=7, reader="ray")
     cfg = override(cfg, {"storage.path": f"{bucket}/runs", "scaling.cpus_per_worker": 0.5})
     result = ray_trainer(cfg).fit()

@@ -5,7 +5,7 @@ import os
 import torch
 
 from models import MODELS
-from pipeline.data import LocalReader, ingest
+from pipeline.data import IngestOptions, LocalReader, ReadSpec, ingest
 from pipeline.evaluation import save_png, translation_grid
 from pipeline.loop import train_local
 
@@ -14,10 +14,10 @@ SAMPLE = os.path.join(os.path.dirname(__file__), "assets", "facades_small")
 
 def test_cyclegan_lowers_cycle_loss_on_real_facades(tmp_path):
     data = str(tmp_path / "facades_small")
-    ingest(SAMPLE, data, layout="aligned", load_size=36, progress=False)
+    ingest(SAMPLE, data, IngestOptions(layout="aligned", load_size=36), progress=False)
     spec = MODELS["cyclegan"]
     cfg = spec.Config(ngf=8, ndf=8, n_blocks=2)
-    reader = LocalReader(data, "train", crop_size=32, batch_size=4, seed=0)
+    reader = LocalReader(ReadSpec(data, "train", 4, crop_size=32, seed=0))
     nets, _, state, history = train_local(spec, cfg, reader, steps=100, seed=0)
     cycle = [h["loss/G/cycle_a"] + h["loss/G/cycle_b"] for h in history]
     first, last = sum(cycle[:10]) / 10, sum(cycle[-10:]) / 10
@@ -25,7 +25,7 @@ def test_cyclegan_lowers_cycle_loss_on_real_facades(tmp_path):
     assert last < 0.85 * first, (first, last)
     assert state["step"] == 100 and all(m.training for m in nets.modules())
 
-    test = next(iter(LocalReader(data, "test", load_size=32, batch_size=3, flip=False)))
+    test = next(iter(LocalReader(ReadSpec(data, "test", 3, load_size=32, flip=False))))
     grid = translation_grid(spec, cfg, nets, test["a"], "ab")
     assert grid.shape == (3, 3 * 34 + 2, 3 * 34 + 2)  # 3 rows; input | output | reconstruction
     assert all(m.training for m in nets.modules())  # the grid restored train mode

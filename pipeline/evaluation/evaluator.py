@@ -7,7 +7,7 @@ import torch
 
 from models import MODELS
 from models.norms import run_generator
-from pipeline.data import LocalReader, read_manifest
+from pipeline.data import LocalReader, ReadSpec, read_manifest
 from pipeline.evaluation.fid import (
     FID_SKIPPED,
     extract_features,
@@ -96,9 +96,8 @@ class Evaluator:
 
     def _batches(self, split, limit):
         """Batches of `split` with the model's channels per domain, each domain cut at `limit`."""
-        reader = LocalReader(self.data_path, split, load_size=self.size, crop_size=None, flip=False,
-                             batch_size=min(limit, 256), seed=self.seed,
-                             s3_endpoint=self.s3_endpoint)  # fmt: skip
+        reader = LocalReader(ReadSpec(self.data_path, split, batch_size=min(limit, 256), load_size=self.size,
+                                      flip=False, seed=self.seed, s3_endpoint=self.s3_endpoint))
         counts = {k: min(limit, n) for d, n in reader.counts.items() for k in ("ab" if d == "ab" else d)}
         if self.swap_ab:
             counts = {SWAP[k]: n for k, n in counts.items()}
