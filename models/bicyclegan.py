@@ -62,7 +62,7 @@ class Config:
 
 def build_nets(cfg):
     nets = nn.ModuleDict({
-        "G": UnetGenerator(cfg.channels_a, cfg.channels_b, cfg.num_downs, cfg.ngf, cfg.norm,
+        "G": UnetGenerator((cfg.channels_a, cfg.channels_b), cfg.num_downs, cfg.ngf, cfg.norm,
                            cfg.use_dropout, nz=cfg.nz, z_all_layers=cfg.z_all_layers),
         "E": ResnetEncoder(cfg.channels_b, cfg.nz, cfg.nef, cfg.e_blocks, cfg.norm),
         "D": discriminator(cfg),

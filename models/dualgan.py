@@ -86,7 +86,7 @@ def validate(cfg):
 
 def build_nets(cfg):
     validate(cfg)
-    g = lambda c_in, c_out: UnetGenerator(c_in, c_out, cfg.num_downs, cfg.ngf, cfg.norm, cfg.use_dropout)  # noqa: E731
+    g = lambda c_in, c_out: UnetGenerator((c_in, c_out), cfg.num_downs, cfg.ngf, cfg.norm, cfg.use_dropout)  # noqa: E731
     d = lambda c: PatchDiscriminator(c, cfg.ndf, cfg.n_layers_d, critic_norm(cfg))  # noqa: E731
     nets = nn.ModuleDict({
         "G_ab": g(cfg.channels_a, cfg.channels_b), "G_ba": g(cfg.channels_b, cfg.channels_a),

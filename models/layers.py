@@ -106,8 +106,7 @@ class UnetGenerator(nn.Module):
 
     def __init__(
         self,
-        in_channels=3,
-        out_channels=3,
+        channels=(3, 3),
         num_downs=8,
         ngf=64,
         norm="batch",
@@ -116,6 +115,7 @@ class UnetGenerator(nn.Module):
         z_all_layers=False,
     ):
         super().__init__()
+        in_channels, out_channels = channels  # (input, output): a pair keeps the signature short
         if num_downs < 2:
             raise ValueError(f"UnetGenerator needs num_downs >= 2, got {num_downs}")
         self.num_downs, self.nz, self.z_all_layers = num_downs, nz, z_all_layers

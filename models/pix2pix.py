@@ -36,7 +36,7 @@ def build_nets(cfg):
     nets = nn.ModuleDict(
         {
             "G_ab": UnetGenerator(
-                cfg.channels_a, cfg.channels_b, cfg.num_downs, cfg.ngf, cfg.norm, cfg.use_dropout
+                (cfg.channels_a, cfg.channels_b), cfg.num_downs, cfg.ngf, cfg.norm, cfg.use_dropout
             ),
             "D": PatchDiscriminator(cfg.channels_a + cfg.channels_b, cfg.ndf, cfg.n_layers_d, cfg.norm),
         }

@@ -11,6 +11,7 @@ run continues with the same `train.steps` (kept in the checkpoint's progress) an
 weights as an uninterrupted one.
 """
 
+import dataclasses
 import math
 import time
 
@@ -35,16 +36,31 @@ def timing_window(budget_s: float) -> float:
     return min(120.0, max(8.0, 0.06 * budget_s))
 
 
-def affordable_steps(*, budget_s: float, elapsed_s: float, step: int, step_s: float, eval_s: float,
-                     eval_every: int, generators: int, setup_s: float = 0.0) -> int:
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """What rank 0 knows when it decides: the budget, the time spent, the steps done and their
+    timed cost, one evaluation's cost and how often it comes, the generators to register and the
+    test evaluator's set-up."""
+
+    budget_s: float
+    elapsed_s: float
+    step: int
+    step_s: float
+    eval_s: float
+    eval_every: int
+    generators: int
+    setup_s: float = 0.0
+
+
+def affordable_steps(t: Timing) -> int:
     """The total number of steps that fits: the steps done, plus as many more as the time left
     pays for after the evaluation at the decision, the final validation and test evaluations (the
     test evaluator's set-up, `setup_s`, included) and the end of the run, each step also carrying
     its share of the periodic evaluations. Never fewer than step + 1."""
-    end_s = 3 * eval_s + setup_s + FIXED_END_S + END_S_PER_GENERATOR * generators
-    per_step = step_s * STEP_MARGIN + (eval_s / eval_every if eval_every else 0.0)
-    left = budget_s - elapsed_s - end_s
-    return step + max(1, math.floor(left / per_step)) if left > 0 else step + 1
+    end_s = 3 * t.eval_s + t.setup_s + FIXED_END_S + END_S_PER_GENERATOR * t.generators
+    per_step = t.step_s * STEP_MARGIN + (t.eval_s / t.eval_every if t.eval_every else 0.0)
+    left = t.budget_s - t.elapsed_s - end_s
+    return t.step + max(1, math.floor(left / per_step)) if left > 0 else t.step + 1
 
 
 class Budget:
@@ -90,10 +106,10 @@ class Budget:
         timed = step - first
         if timed < MIN_TIMED_STEPS or now - started < timing_window(self.budget_s):
             return 0
-        return affordable_steps(
+        return affordable_steps(Timing(
             budget_s=self.budget_s, elapsed_s=time.time() - self.origin, step=step,
             step_s=(now - started) / timed, eval_s=self.eval_s, eval_every=self.cfg.eval.every,
             generators=self.generators, setup_s=self.setup_s,
-        )
+        ))
 
 

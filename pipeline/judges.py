@@ -161,34 +161,51 @@ def _shuffled(n, batch_size, generator):
     return take
 
 
-def train_classifier(images, labels, *, epochs=6, batch_size=64, min_steps=100, width=16, lr=3e-3,
-                     augment=True, colour=False, seed=0, device="cpu"):  # fmt: skip
+CLASSIFIER_DEFAULTS = {"epochs": 6, "batch_size": 64, "min_steps": 100, "width": 16, "lr": 3e-3,
+                       "augment": True, "colour": False, "seed": 0}
+REALISM_DEFAULTS = {"steps": 300, "batch_size": 64, "width": 8, "lr": 3e-3, "seed": 0}
+
+
+def settings(recipe: dict | None, defaults: dict) -> dict:
+    """A judge recipe (the dict that also names its cache file) over its defaults; unknown keys are
+    a typo, not a setting to ignore."""
+    unknown = set(recipe or {}) - set(defaults)
+    if unknown:
+        raise TypeError(f"unknown judge setting(s) {sorted(unknown)}; known: {sorted(defaults)}")
+    return {**defaults, **(recipe or {})}
+
+
+def train_classifier(images, labels, recipe: dict | None = None, device="cpu"):
     """A DigitClassifier for N×C×H×W images and int labels, trained for `epochs` passes (at least
-    `min_steps` steps) on randomly warped (`augment`) and recoloured (`colour`) copies."""
-    labels, generator = torch.as_tensor(labels).long(), torch.Generator().manual_seed(seed)
-    net = _seeded_net(seed, images.shape[1], images.shape[-1], int(labels.max()) + 1, width, device=device)
-    take = _shuffled(len(images), batch_size, generator)
+    `min_steps` steps) on randomly warped (`augment`) and recoloured (`colour`) copies; `recipe`
+    overrides CLASSIFIER_DEFAULTS."""
+    r = settings(recipe, CLASSIFIER_DEFAULTS)
+    labels, generator = torch.as_tensor(labels).long(), torch.Generator().manual_seed(r["seed"])
+    net = _seeded_net(r["seed"], images.shape[1], images.shape[-1], int(labels.max()) + 1, r["width"],
+                      device=device)
+    take = _shuffled(len(images), r["batch_size"], generator)
 
     def batches():
         index = take()
         x = images[index]
-        if augment:
+        if r["augment"]:
             x = random_affine(x, generator)
-        if colour:
+        if r["colour"]:
             x = colour_jitter(x, generator)
         return x, labels[index]
 
-    steps = max(min_steps, epochs * math.ceil(len(images) / batch_size))
-    return _fit(net, batches, steps, lr, device)
+    steps = max(r["min_steps"], r["epochs"] * math.ceil(len(images) / r["batch_size"]))
+    return _fit(net, batches, steps, r["lr"], device)
 
 
-def train_realism_judge(real, gray, *, steps=300, batch_size=64, width=8, lr=3e-3, seed=0, device="cpu"):
+def train_realism_judge(real, gray, recipe: dict | None = None, device="cpu"):
     """Class 1 = `real` colour-domain images, class 0 = `gray` digits (N×1×H×W) tinted afresh in
     every batch by `tint`; half of each batch each. Both get the same small affine warps, so
-    position and shape tell nothing."""
-    generator = torch.Generator().manual_seed(seed)
-    net = _seeded_net(seed, real.shape[1], real.shape[-1], 2, width, device=device)
-    half = batch_size // 2
+    position and shape tell nothing. `recipe` overrides REALISM_DEFAULTS."""
+    r = settings(recipe, REALISM_DEFAULTS)
+    generator = torch.Generator().manual_seed(r["seed"])
+    net = _seeded_net(r["seed"], real.shape[1], real.shape[-1], 2, r["width"], device=device)
+    half = r["batch_size"] // 2
     take_real, take_gray = _shuffled(len(real), half, generator), _shuffled(len(gray), half, generator)
 
     def batches():
@@ -196,7 +213,7 @@ def train_realism_judge(real, gray, *, steps=300, batch_size=64, width=8, lr=3e-
         y = torch.cat([torch.ones(half, dtype=torch.long), torch.zeros(half, dtype=torch.long)])
         return random_affine(x, generator), y
 
-    return _fit(net, batches, steps, lr, device)
+    return _fit(net, batches, r["steps"], r["lr"], device)
 
 
 # ============================================================================= use

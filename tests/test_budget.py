@@ -18,12 +18,14 @@ def test_affordable_steps_pay_for_evaluations_and_the_end_of_the_run():
     common = dict(budget_s=600.0, elapsed_s=100.0, step=50, eval_every=100, generators=2)
     # 600 − 100 − (3·5 + 20 + 2·5) = 455 s left; each step 1 s (+ the margin) + 5/100 s of evaluation.
     per_step = budget.STEP_MARGIN + 0.05
-    assert budget.affordable_steps(step_s=1.0, eval_s=5.0, **common) == 50 + int(455 / per_step)
-    assert budget.affordable_steps(step_s=1.0, eval_s=5.0, setup_s=21.0, **common) == 50 + int(434 / per_step)
-    assert budget.affordable_steps(step_s=2.0, eval_s=5.0, **common) < budget.affordable_steps(
-        step_s=1.0, eval_s=5.0, **common)
-    spent = dict(common, elapsed_s=599.0)
-    assert budget.affordable_steps(step_s=1.0, eval_s=5.0, **spent) == 51  # never fewer than one more
+
+    def steps(**kw):
+        return budget.affordable_steps(budget.Timing(**{**common, "eval_s": 5.0, **kw}))
+
+    assert steps(step_s=1.0) == 50 + int(455 / per_step)
+    assert steps(step_s=1.0, setup_s=21.0) == 50 + int(434 / per_step)
+    assert steps(step_s=2.0) < steps(step_s=1.0)
+    assert steps(step_s=1.0, elapsed_s=599.0) == 51  # never fewer than one more
 
 
 def test_budget_run_fixes_its_steps_and_a_resume_keeps_them(tmp_path, facades_small_dst, monkeypatch):

@@ -171,7 +171,7 @@ def test_digit_classifier_learns_mnist_quickly():
         order = np.random.default_rng(0).permutation(len(npz["y"]))
         x = torch.from_numpy(npz["x"][order]).float()[:, None] / 127.5 - 1
         y = torch.from_numpy(npz["y"][order])
-    net = ev.train_classifier(x[:1000], y[:1000], epochs=2, min_steps=60, width=16, seed=0)
+    net = ev.train_classifier(x[:1000], y[:1000], {"epochs": 2, "min_steps": 60, "width": 16, "seed": 0})
     assert ev.accuracy(net, x[4000:], y[4000:]) > 0.8  # 0.85 when written
     assert not net.training
 

@@ -97,14 +97,14 @@ def test_predict_uses_eval_mode():
 def test_mnist_judge_reads_real_test_digits(mnist2mnistm):
     """The default recipe on the 3600 MNIST training digits: >= 0.97 on the 1000 test digits."""
     train, test = mnist2mnistm["train"], mnist2mnistm["test"]
-    net = judges.train_classifier(train["a"], train["label_a"], **judges.DIGIT_RECIPE)
+    net = judges.train_classifier(train["a"], train["label_a"], judges.DIGIT_RECIPE)
     assert judges.accuracy(net, test["a"], test["label_a"]) >= 0.97  # 0.984 when written
 
 
 @pytest.mark.integration
 def test_realism_judge_rejects_tinted_mnist_and_accepts_mnistm(mnist2mnistm):
     train, test = mnist2mnistm["train"], mnist2mnistm["test"]
-    net = judges.train_realism_judge(train["b"], train["a"], **judges.REALISM_RECIPE)
+    net = judges.train_realism_judge(train["b"], train["a"], judges.REALISM_RECIPE)
     tinted = judges.tint(test["a"], torch.Generator().manual_seed(123))  # not the training tints
     assert judges.realism(net, tinted) < 0.2
     assert judges.realism(net, test["a"].expand(-1, 3, -1, -1)) < 0.2  # plain gray repeated

@@ -170,7 +170,7 @@ def test_norm_layer_by_name():
 def unet(norm="batch", num_downs=5, dropout=False):
     """A tiny U-Net whose running statistics have moved away from their initial 0 and 1."""
     torch.manual_seed(0)
-    net = UnetGenerator(3, 3, num_downs=num_downs, ngf=4, norm=norm, use_dropout=dropout)
+    net = UnetGenerator((3, 3), num_downs=num_downs, ngf=4, norm=norm, use_dropout=dropout)
     with torch.no_grad():
         net.train()(batch(9, (4, 3, 2**num_downs, 2**num_downs)))
     return net

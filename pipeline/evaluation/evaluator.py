@@ -191,7 +191,7 @@ class Evaluator:
 
         def fit():
             self._read_train(train)
-            return train_classifier(train[domain], train[f"label_{domain}"], **recipe, device=self.device)
+            return train_classifier(train[domain], train[f"label_{domain}"], recipe, device=self.device)
 
         net, path = self.judge_cache.load_or_train(f"classifier {domain}", path, fit, recipe)
         if path:
@@ -206,7 +206,7 @@ class Evaluator:
 
         def fit():
             self._read_train(train)
-            return train_realism_judge(train[target], train[source], **recipe, device=self.device)
+            return train_realism_judge(train[target], train[source], recipe, device=self.device)
 
         return self.judge_cache.load_or_train(f"realism judge {direction}", path, fit, recipe)[0]
 
