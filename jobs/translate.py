@@ -110,13 +110,16 @@ def check_args(args) -> None:
 
 
 def build_job(args, payload, device: str):
+    from models import MODELS
     from pipeline.translate import Job, Settings
 
-    if payload.model_name == "cogan" and not args.pairs:
-        raise ValueError(f"{args.model} is a CoGAN: it generates pairs from z; "
+    generates_pairs = MODELS[payload.model_name].generates_pairs
+    if generates_pairs and not args.pairs:
+        raise ValueError(f"{args.model} is a {payload.model_name}: it generates pairs from z; "
                          "pass --pairs N instead of --input")
-    if payload.model_name != "cogan" and args.pairs:
-        raise ValueError(f"--pairs is for CoGAN models; {args.model} is a {payload.model_name}")
+    if args.pairs and not generates_pairs:
+        raise ValueError(f"--pairs is for models that generate pairs from z (CoGAN); {args.model} is a "
+                         f"{payload.model_name}")
     settings = Settings(args.format, args.bn_mode, args.z_mode, args.seed, args.keep_size, args.dropout)
     io_workers = args.io_workers or (8 if device == "cuda" else 4)
     return Job(payload, _absolute(args.output), settings, args.samples, batch_size=args.batch_size,

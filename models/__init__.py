@@ -16,6 +16,11 @@
   changes (CoGAN returns a generated pair);
 - `directions`: the directions `translate` supports, and `generator_for` the net serving each;
 - `generator_norm(cfg)`: the generator's norm kind, for its test-time mode (`models.norms`).
+What a model can do, declared on its registry line so that no module outside `models/` asks for a
+model by name: `generates_pairs` (draws an (a, b) pair from z and takes no input image: CoGAN) and
+`multimodal` (one input, one output per latent z: BicycleGAN); from them `takes_input`, `draws_z`,
+`latent_size(cfg)`, `image_size(cfg)`, `grid_kinds` and `metric_families`. Adding a GAN is its
+module plus one line in MODELS.
 A batch is {"a": Tensor, "b": Tensor}, N×C×H×W in [-1, 1]. `train.steps` counts `train_step`
 calls (generator updates), whatever `batches_per_step` is.
 """
@@ -33,6 +38,8 @@ class ModelSpec:
     directions: tuple[str, ...]
     generator_for: dict
     paired: bool  # trains on aligned pairs (True) or unpaired samples (False)
+    generates_pairs: bool = False  # draws a pair (x_a, x_b) from z alone; takes no input image (CoGAN)
+    multimodal: bool = False  # one input, one output per latent z; z = 0 is its mean output (BicycleGAN)
 
     @property
     def Config(self):  # noqa: N802 - the contract's name for the config class
@@ -56,9 +63,47 @@ class ModelSpec:
 
     def generator_norm(self, cfg):
         """The image-to-image generator's norm kind (its config's `norm`), which decides its test-time
-        mode (`models.norms.inference_mode`). None for CoGAN: it generates from z rather than
-        translating an image, and its fixed batch norms stay in eval mode."""
-        return None if "pair" in self.directions else cfg.norm
+        mode (`models.norms.inference_mode`). None for a generator from z (CoGAN): it translates no
+        image, and its fixed batch norms stay in eval mode."""
+        return cfg.norm if self.takes_input else None
+
+    @property
+    def takes_input(self) -> bool:
+        """Whether `translate` reads an image x (else x is None and z is the input, N×nz)."""
+        return not self.generates_pairs
+
+    @property
+    def draws_z(self) -> bool:
+        """Whether `translate` takes a latent z (N×latent_size) besides or instead of an image."""
+        return self.generates_pairs or self.multimodal
+
+    def latent_size(self, cfg) -> int | None:
+        """The length of z (the config's `nz`) for a model that draws z, else None."""
+        return cfg.nz if self.draws_z else None
+
+    def image_size(self, cfg) -> int | None:
+        """The one image size the nets are built for, where the architecture fixes it (its config's
+        `image_size`: CoGAN's fully connected generator); None for a fully convolutional
+        translator, which takes the size it was trained at and others."""
+        return getattr(cfg, "image_size", None)
+
+    @property
+    def grid_kinds(self) -> tuple[str, ...]:
+        """The sample grids it gets (pipeline.evaluation, Evaluator.grids): "pair" (x_a | x_b from
+        one z), "translation" (input | output | reconstruction for two-way models, per direction),
+        "z_samples" (input | z = 0 | random z ...)."""
+        if self.generates_pairs:
+            return ("pair",)
+        return ("translation", "z_samples") if self.multimodal else ("translation",)
+
+    @property
+    def metric_families(self) -> tuple[str, ...]:
+        """The metrics that apply (pipeline.evaluation): "pairs" (do the domain judges agree on a
+        generated pair, FID per domain), "translation" (outputs against targets, labels, realism,
+        cycles, FID per direction, as the data allows), "diversity" (outputs for different z)."""
+        if self.generates_pairs:
+            return ("pairs",)
+        return ("translation", "diversity") if self.multimodal else ("translation",)
 
 
 class Registry(dict):
@@ -69,8 +114,8 @@ class Registry(dict):
 MODELS = Registry({
     "cyclegan": ModelSpec("cyclegan", cyclegan, ("ab", "ba"), {"ab": "G_ab", "ba": "G_ba"}, paired=False),
     "dualgan": ModelSpec("dualgan", dualgan, ("ab", "ba"), {"ab": "G_ab", "ba": "G_ba"}, paired=False),
-    "bicyclegan": ModelSpec("bicyclegan", bicyclegan, ("ab",), {"ab": "G"}, paired=True),
-    "cogan": ModelSpec("cogan", cogan, ("pair",), {"pair": "G"}, paired=False),
+    "bicyclegan": ModelSpec("bicyclegan", bicyclegan, ("ab",), {"ab": "G"}, paired=True, multimodal=True),
+    "cogan": ModelSpec("cogan", cogan, ("pair",), {"pair": "G"}, paired=False, generates_pairs=True),
     "pix2pix": ModelSpec("pix2pix", pix2pix, ("ab",), {"ab": "G_ab"}, paired=True),
 })
 

@@ -436,8 +436,8 @@ def log_grids(cfg, evaluator, nets, device, tracker, step: int, tag: str = "samp
 def input_example(cfg, spec, model_cfg, direction: str):
     import numpy as np
 
-    if spec.name == "cogan":
-        return np.zeros((1, model_cfg.nz), np.float32)
+    if not spec.takes_input:  # a generator from z is served z
+        return np.zeros((1, spec.latent_size(model_cfg)), np.float32)
     channels = getattr(model_cfg, "channels_a" if direction == "ab" else "channels_b")
     size = image_size(cfg) or 256
     return np.zeros((1, channels, size, size), np.float32)

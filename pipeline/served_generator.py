@@ -45,21 +45,23 @@ def generate(spec, cfg, info: dict, net, x: torch.Tensor, z_seed: int | None = N
     net's flags and buffers are as before afterwards."""
     nets = {info["net"]: net}
     mode = inference_mode(spec.generator_norm(cfg), bn_mode)
-    if info["model"] == "cogan":
+    if spec.generates_pairs:
         pair = lambda _, z: torch.cat(spec.translate(cfg, nets, None, "pair", z=z), dim=1)  # noqa: E731
         return run_generator(pair, net, None, x, mode)
     run = lambda xi, zi: spec.translate(cfg, nets, xi, info["direction"], zi)  # noqa: E731
-    return run_generator(run, net, x, latent(cfg, info, x, z_seed), mode)
+    return run_generator(run, net, x, latent(spec, cfg, x, z_seed), mode)
 
 
-def latent(cfg, info: dict, x: torch.Tensor, z_seed: int | None):
-    """BicycleGAN's z: zeros by default, so that one input always gives one output."""
-    if info["model"] != "bicyclegan":
+def latent(spec, cfg, x: torch.Tensor, z_seed: int | None):
+    """A multimodal model's z (BicycleGAN's): zeros by default, so that one input always gives one
+    output; None for a model without one."""
+    if not spec.multimodal:
         return None
+    nz = spec.latent_size(cfg)
     if z_seed is None:
-        return torch.zeros(x.shape[0], cfg.nz, device=x.device)
+        return torch.zeros(x.shape[0], nz, device=x.device)
     g = torch.Generator().manual_seed(int(z_seed))
-    return torch.randn(x.shape[0], cfg.nz, generator=g).to(x.device)
+    return torch.randn(x.shape[0], nz, generator=g).to(x.device)
 
 
 class ServedGenerator(mlflow.pyfunc.PythonModel):

@@ -314,7 +314,7 @@ def _signature(generator: "LoadedGenerator", example: np.ndarray) -> ModelSignat
     must not lock the served model to 32×32 inputs; channels stay fixed."""
     out = generator(torch.from_numpy(example)).numpy()
     free = lambda shape: (-1, shape[1], *[-1] * (len(shape) - 2))  # noqa: E731
-    seeded = generator.model_name == "bicyclegan"  # params={"z_seed": n} draws a random z
+    seeded = generator.spec.multimodal  # params={"z_seed": n} draws a random z
     params = ParamSchema([ParamSpec("z_seed", "long", None)]) if seeded else None
     return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), free(example.shape))]),
                           outputs=Schema([TensorSpec(np.dtype(np.float32), free(out.shape))]),

@@ -9,7 +9,8 @@ modules use is importable from here.
 
 Images are N×C×H×W float tensors in [-1, 1] (C = 1 or 3). The metric functions are pure and
 return per-batch means as Python floats. `Evaluator` owns the data, the one-off work (label
-palettes, digit classifiers, baselines) and the choice of metrics for a model and a dataset:
+palettes, digit classifiers, baselines) and the choice of metrics for a model (the families its
+ModelSpec declares, `metric_families`) and a dataset:
 
 - aligned pairs (facades, weizmann_horse): `eval/{l1,psnr,ssim}_<dir>` against the ground truth,
   and for the direction that outputs the label domain `eval/{pixel_acc,class_acc,class_iou}_<dir>`
@@ -18,8 +19,10 @@ palettes, digit classifiers, baselines) and the choice of metrics for a model an
   classes, absent ones counting 0, as the reference's evaluation script);
 - unpaired labelled digits (mnist2mnistm): `eval/label_acc_<dir>`, the accuracy of a classifier
   trained on real images of the output domain on the translated test images;
-- CoGAN: `eval/pair_agreement`, how often the two domain classifiers agree on a generated pair;
-- both directions: `eval/cycle_l1_a`, `eval/cycle_l1_b`; BicycleGAN: `eval/diversity`;
+- a generator of pairs ("pairs", CoGAN): `eval/pair_agreement`, how often the two domain
+  classifiers agree on a generated pair;
+- both directions: `eval/cycle_l1_a`, `eval/cycle_l1_b`; a multimodal model ("diversity",
+  BicycleGAN): `eval/diversity`;
 - with a TorchScript Inception on disk: `eval/fid_<dir>`, `eval/kid_<dir>`.
 `baseline/...` (a trivial predictor) and `ceiling/...` (the metric's own limit) put them in scale.
 """

@@ -67,7 +67,7 @@ class Evaluator:
         self.swap_ab = o.swap_ab  # as the run's data.swap_ab: a and b (and their labels) trade places
         self.spec, self.cfg, self.device, self.seed = spec, model_cfg, torch.device(device), o.seed
         self.data_path, self.train_split, self.s3_endpoint = o.data_path, o.train_split, o.s3_endpoint
-        self.size = o.size or getattr(model_cfg, "image_size", None)  # CoGAN generates at a fixed size
+        self.size = o.size or spec.image_size(model_cfg)  # a generator from z has one fixed size
         self.train_images = o.train_images
         self.classifier_settings = {**(o.classifier or {}), "seed": o.seed}  # over the domain's recipe
         self.realism_settings = {**REALISM_RECIPE, **(o.realism or {}), "seed": o.seed}
@@ -87,7 +87,7 @@ class Evaluator:
         self.num_classes = o.num_classes
         if self.aligned:
             self._scan_train()
-        elif spec.name == "cogan" or self.directions:
+        elif spec.generates_pairs or self.directions:
             self._prepare_classifiers()
         self.extractor, self._real_feats = self._load_extractor(o.inception_path), {}
         self._baselines = None
@@ -159,7 +159,7 @@ class Evaluator:
 
     def _prepare_classifiers(self):
         labelled = [d for d in ("a", "b") if self.manifest["domains"].get(d, {}).get("labelled")]
-        wanted = ["a", "b"] if self.spec.name == "cogan" else [d[1] for d in self.directions]
+        wanted = ["a", "b"] if self.spec.generates_pairs else [d[1] for d in self.directions]
         missing = sorted({"a", "b"} - set(labelled))  # inputs' labels are the truth, outputs' train
         if missing:
             self.notes.append(f"label metrics skipped: domain(s) {missing} have no labels")
@@ -232,10 +232,10 @@ class Evaluator:
     # ------------------------------------------------------------------ translation
 
     def _translate(self, nets, x, direction, mode, z=None, batch_size=64):
-        """Outputs on the CPU in inference `mode`; BicycleGAN gets z = 0 (its mean output) unless z
-        is given."""
-        if z is None and self.spec.name == "bicyclegan":
-            z = torch.zeros(len(x), self.cfg.nz)
+        """Outputs on the CPU in inference `mode`; a multimodal model (BicycleGAN) gets z = 0 (its
+        mean output) unless z is given."""
+        if z is None and self.spec.multimodal:
+            z = torch.zeros(len(x), self.spec.latent_size(self.cfg))
         run = lambda xi, zi: self.spec.translate(self.cfg, nets, xi, direction, zi)  # noqa: E731
         outs = []
         for i in range(0, len(x), batch_size):
@@ -247,7 +247,7 @@ class Evaluator:
     def _random_z(self, n, offset=0):
         """The same codes at every evaluation, so that curves compare like with like."""
         g = torch.Generator().manual_seed(self.seed + 1000 + offset)
-        return torch.randn(n, self.cfg.nz, generator=g)
+        return torch.randn(n, self.spec.latent_size(self.cfg), generator=g)
 
     def _generate_pairs(self, nets, n, mode):
         z, pairs = self._random_z(n), []
@@ -263,14 +263,14 @@ class Evaluator:
         """{"eval/...": float} for the current nets in inference `mode` (default `self.mode`, the
         mode a user is served); modes and buffers are left as found."""
         mode = self.mode if mode in (None, "auto") else mode
-        if self.spec.name == "cogan":
-            return self._cogan_metrics(nets, mode)
+        if "pairs" in self.spec.metric_families:
+            return self._pair_metrics(nets, mode)
         out = {}
         outputs = {d: self._translate(nets, self.data[d[0]], d, mode) for d in self.directions}
         if self.aligned:
             for d, fake in outputs.items():
                 out.update(self._paired_scores(d, fake, self.data[d[1]], "eval"))
-            if self.spec.name == "bicyclegan" and self.diversity_samples > 1:
+            if "diversity" in self.spec.metric_families and self.diversity_samples > 1:
                 out["eval/diversity"] = diversity(self._z_samples(nets, self.data["a"], mode))
         for d, fake in outputs.items():
             if d[1] in self.classifiers:  # is the digit still the same digit?
@@ -301,7 +301,7 @@ class Evaluator:
             out.update({f"{prefix}/{k}_{direction}": v for k, v in scores.items()})
         return out
 
-    def _cogan_metrics(self, nets, mode):
+    def _pair_metrics(self, nets, mode):
         out = {}
         x_a, x_b = self._generate_pairs(nets, self.pairs, mode)
         if {"a", "b"} <= set(self.classifiers):
@@ -345,7 +345,7 @@ class Evaluator:
                     pred = torch.full_like(true, int(self.class_counts.argmax()))
                     scores = segmentation_scores(pred, true, self.num_classes)
                     out.update({f"baseline/{k}_{d}": v for k, v in scores.items()})
-        elif self.spec.name == "cogan":
+        elif "pairs" in self.spec.metric_families:
             for d in self.classifiers:
                 out[f"ceiling/classifier_acc_{d}"] = self.judge_accuracy[d]
         else:
@@ -365,10 +365,11 @@ class Evaluator:
 
     def grids(self, nets, n=4, mode=None):
         """{direction: 3×H×W grid} on the same first n eval images every time, in inference `mode`
-        (default `self.mode`). BicycleGAN adds "ab_z" (input | z = 0 | random z ...); CoGAN gives
-        "pair" (x_a | x_b for fixed z)."""
+        (default `self.mode`), of the kinds the model declares (ModelSpec.grid_kinds): a multimodal
+        model (BicycleGAN) adds "ab_z" (input | z = 0 | random z ...); a generator of pairs (CoGAN)
+        gives "pair" (x_a | x_b for fixed z)."""
         mode = self.mode if mode in (None, "auto") else mode
-        if self.spec.name == "cogan":
+        if "pair" in self.spec.grid_kinds:
             x_a, x_b = self._generate_pairs(nets, n, mode)
             return {"pair": tile([to_rgb(x_a), to_rgb(x_b)])}
         grids = {}
@@ -378,7 +379,7 @@ class Evaluator:
             if d[::-1] in self.directions:
                 columns.append(self._translate(nets, columns[1], d[::-1], mode, batch_size=len(x)))
             grids[d] = tile([to_rgb(c) for c in columns])
-        if self.spec.name == "bicyclegan" and self.diversity_samples:
+        if "z_samples" in self.spec.grid_kinds and self.diversity_samples:
             x = self.data["a"][:n]
             columns = [x, self._translate(nets, x, "ab", mode), *self._z_samples(nets, x, mode)]
             grids["ab_z"] = tile([to_rgb(c) for c in columns])

@@ -5,6 +5,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from models import MODELS
 from pipeline.translate.core import BN_MODES, resolved_mode
 from pipeline.translate.model import ModelPayload
 
@@ -18,19 +19,20 @@ class Settings:
 
     format: str = "png"
     bn_mode: str = "auto"  # one of BN_MODES
-    z_mode: str = "random"  # BicycleGAN
+    z_mode: str = "random"  # multimodal models (BicycleGAN)
     seed: int = 0
     keep_size: bool = True
     dropout: bool = False  # pix2pix's test script: dropout on at test time
 
     def check(self, model_name: str, samples: int) -> None:
+        multimodal = MODELS[model_name].multimodal
         problems = [
             (self.format not in FORMATS, f"format must be one of {list(FORMATS)}, got {self.format!r}"),
             (self.bn_mode not in BN_MODES, f"bn mode must be one of {BN_MODES}, got {self.bn_mode!r}"),
             (self.z_mode not in Z_MODES, f"z mode must be one of {Z_MODES}, got {self.z_mode!r}"),
             (samples < 1, f"samples must be >= 1, got {samples}"),
-            (samples > 1 and model_name != "bicyclegan",
-             f"--samples is for BicycleGAN (one output per z); {model_name} has one output per input"),
+            (samples > 1 and not multimodal, f"--samples is for multimodal models such as BicycleGAN "
+                                              f"(one output per z); {model_name} has one output per input"),
             (samples > 1 and self.z_mode == "zero", "--z zero gives one output per input: use --samples 1"),
         ]
         for bad, message in problems:
@@ -79,8 +81,7 @@ class Work:
     def key(self) -> str:
         """Outputs listed under another key were made another way: a rerun redoes them."""
         job, payload, settings = self.job, self.job.payload, self.job.settings
-        z = {"z": settings.z_mode, "seed": settings.seed} if payload.model_name in (
-            "bicyclegan", "cogan") else {}
+        z = {"z": settings.z_mode, "seed": settings.seed} if MODELS[payload.model_name].draws_z else {}
         if settings.z_mode == "linear":
             z["samples"] = job.samples  # the grid's points depend on K
         parts = {"model": payload.info.key, "direction": payload.direction, "size": payload.size,

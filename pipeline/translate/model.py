@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from models import MODELS
-from pipeline.config import to_dict
+from pipeline.config import from_dict, to_dict
 
 
 @dataclass
@@ -52,8 +52,9 @@ def load_model(ref: str, tracking_uri: str | None = None, direction: str | None 
         raise ValueError(f"model {ref} translates {payload.direction!r}, not --direction {direction!r}: "
                          f"use the model registered for {direction!r} (e.g. its name ending -{direction})")
     spec = MODELS[payload.model_name]
-    if spec.name == "cogan":
-        return replace(payload, size=payload.config["image_size"])
+    fixed = spec.image_size(from_dict(spec.Config, payload.config))
+    if fixed:  # a generator from z (CoGAN) makes the one size it is built for
+        return replace(payload, size=fixed)
     if payload.size and size and size != payload.size:
         raise ValueError(f"model {ref} was trained at {payload.size}px; --size {size} does not fit it "
                          "(inputs of any size are resized to the model's size: drop --size)")
@@ -118,8 +119,9 @@ def weights_key(weights: dict) -> str:
 
 
 def model_channels(model_name: str, cfg, direction: str) -> tuple[int | None, int]:
-    """(input channels, output channels); CoGAN takes no image and writes a|b side by side."""
+    """(input channels, output channels); a generator of pairs (CoGAN) takes no image and writes
+    a|b side by side."""
     a, b = cfg.channels_a, cfg.channels_b
-    if model_name == "cogan":
+    if not MODELS[model_name].takes_input:
         return None, a if a == b else 3
     return (a, b) if direction == "ab" else (b, a)

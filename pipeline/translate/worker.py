@@ -35,7 +35,7 @@ class BatchTranslator:
 
     def process(self, rows: list[dict]) -> list[dict]:
         todo = [(self.work.tasks[str(r["id"])], r) for r in rows if str(r["id"]) in self.work.tasks]
-        if self.translator.spec.name == "cogan":
+        if not self.translator.spec.takes_input:  # generated from z: nothing to read
             return self._write([(task, None, k, None) for task, _ in todo for k in task.samples])
         entries, items = [], []
         for task, sha, pixels, reason in self._map(self._read, todo):
@@ -78,15 +78,15 @@ class BatchTranslator:
         zs, lineage = [], []
         for task, sha, k, _ in chunk:
             z, seed, t = (None, None, None)
-            if model.spec.name in ("bicyclegan", "cogan"):
-                z, seed, t = latent(model.cfg.nz, job.settings.z_mode, job.settings.seed, sha or task.id, k,
-                                    job.samples)
+            if model.spec.draws_z:
+                z, seed, t = latent(model.spec.latent_size(model.cfg), job.settings.z_mode, job.settings.seed,
+                                    sha or task.id, k, job.samples)
                 zs.append(z)
             lineage.append({**self.lineage, "key": entry_key(sha or task.id, k), "input_id": task.id,
                             "input_sha256": sha, "input_part": self.work.half, "sample": k, "z_seed": seed,
                             "z_t": t})
         z = torch.cat(zs) if zs else None
-        if model.spec.name == "cogan":
+        if not model.spec.takes_input:
             outputs = model.generate(z)
         else:
             outputs = model.translate([p for *_, p in chunk], z, job.settings.keep_size)
@@ -97,7 +97,7 @@ class BatchTranslator:
         suffix = FORMATS[fmt]
         named = []
         for (task, *_), (pixels, lineage) in zip(chunk, results, strict=True):
-            sample = f"_s{lineage['sample']}" if self.translator.spec.name == "bicyclegan" else ""
+            sample = f"_s{lineage['sample']}" if self.translator.spec.multimodal else ""  # one per z
             output_id = task.name + sample
             named.append((output_id, pixels, {**lineage, "name": task.name, "output_id": output_id,
                                               "file": output_id + suffix, "height": int(pixels.shape[0]),
