@@ -206,10 +206,9 @@ def main(argv=None) -> int:
         print(json.dumps(results[-1], default=float), flush=True)
     print(table(results))
     if args.all:
-        tmp = args.table + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(table(results) + "\n")
-        os.replace(tmp, args.table)
+        from pipeline import storage
+
+        storage.write_bytes(args.table, (table(results) + "\n").encode())
         print(f"table written to {args.table}")
     return 0
 

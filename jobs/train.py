@@ -93,7 +93,7 @@ def ensure_dataset(cfg: RunConfig) -> dict:
     """The dataset's manifest; ingests the recipe's known source on first use."""
     from pipeline.data import check_current, ingest, read_manifest
 
-    endpoint = cfg.data.s3_endpoint or None
+    endpoint = cfg.storage.endpoint or None
     try:
         manifest = read_manifest(cfg.data.path, endpoint)
     except FileNotFoundError:
@@ -114,7 +114,7 @@ def ensure_dataset(cfg: RunConfig) -> dict:
             f"--set data.path=... for an ingested dataset, or data.source=... to ingest from."
         )
     print(f"ingesting {source} into {storage.public_uri(cfg.data.path)} (first use of this dataset)")
-    return ingest(source, cfg.data.path, s3_endpoint=endpoint, progress=False)
+    return ingest(source, cfg.data.path, endpoint=endpoint, progress=False)
 
 
 # ----------------------------------------------------------------------------- names, resume, tracking
@@ -147,7 +147,7 @@ def previous_run(cfg: RunConfig, name: str) -> dict:
     from pipeline.checkpoint import latest_meta
 
     folder = storage.join(cfg.storage.path, name)
-    meta = latest_meta(folder, cfg.data.s3_endpoint or None)
+    meta = latest_meta(folder, cfg.storage.endpoint or None)
     if meta is None:
         raise SystemExit(f"error: --resume {name}: no complete checkpoint under {folder}")
     return meta
@@ -253,13 +253,10 @@ def main(argv=None) -> int:
 
 
 def write_json(path: str, obj: dict) -> None:
-    """Whole or not at all: a temp name beside the file, then a rename."""
+    """Whole or not at all (`storage.write_bytes`)."""
     import json
 
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=float)
-    os.replace(tmp, path)
+    storage.write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=float).encode())
 
 
 def mark_failed(cfg: RunConfig) -> None:

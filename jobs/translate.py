@@ -123,7 +123,7 @@ def build_job(args, payload, device: str):
     settings = Settings(args.format, args.bn_mode, args.z_mode, args.seed, args.keep_size, args.dropout)
     io_workers = args.io_workers or (8 if device == "cuda" else 4)
     return Job(payload, _absolute(args.output), settings, args.samples, batch_size=args.batch_size,
-               device=device, bf16=args.bf16, io_workers=io_workers, s3_endpoint=args.s3_endpoint)
+               device=device, bf16=args.bf16, io_workers=io_workers, endpoint=args.s3_endpoint)
 
 
 def _absolute(path: str) -> str:

@@ -186,7 +186,7 @@ def make_tuner(args, cfg: RunConfig, dims, mode: str, name: str, storage_path: s
     trainable = tune.with_parameters(search.run_trial, base_json=to_json(cfg), search_name=name)
     trainable = tune.with_resources(trainable, search.trial_resources(cfg, args.gpus_per_trial))
     filesystem, path = (
-        storage.arrow_filesystem(storage_path, cfg.data.s3_endpoint or None)
+        storage.arrow_filesystem(storage_path, cfg.storage.endpoint or None)
         if storage.is_s3(storage_path)
         else (None, storage_path)
     )
@@ -225,10 +225,7 @@ def summarise(results, args, cfg: RunConfig, mode: str, out_dir: str, parent_id:
     params = {k: v for k, v in best.config.items()}
     best_json = search.best_run_config(to_json(cfg), params)
     best_path = os.path.join(out_dir, "best_config.json")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(best_path + ".tmp", "w") as f:
-        f.write(best_json)
-    os.replace(best_path + ".tmp", best_path)
+    storage.write_bytes(best_path, best_json.encode())
     table = results.get_dataframe(filter_metric=args.metric, filter_mode=mode)
     keep = [
         c

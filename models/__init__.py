@@ -4,7 +4,8 @@
 - `Config`: dataclass of architecture, loss weights and optimiser settings (the paper's defaults);
 - `build_nets(cfg) -> nn.ModuleDict` keyed by role (`G_ab`, `G_ba`, `D_a`, `D_b`; BicycleGAN
   `G`, `E`, `D`, `D2`; CoGAN one coupled `G` and one coupled `D`);
-- `make_optimizers(cfg, nets) -> dict[str, Optimizer]`;
+- `LR`: the paper's learning rate, the default of a run's `optim.lr` (the one place a run sets it);
+- `make_optimizers(cfg, nets, lr) -> dict[str, Optimizer]`;
 - `train_step(cfg, nets, optimizers, batch, state) -> dict[str, float]`: one generator update
   with the model's own discriminator updates; never changes train/eval modes, never logs, never
   does I/O; `state` is a dict the caller keeps and checkpoints (image pools, step counter);
@@ -48,8 +49,14 @@ class ModelSpec:
     def build_nets(self, cfg):
         return self.module.build_nets(cfg)
 
-    def make_optimizers(self, cfg, nets):
-        return self.module.make_optimizers(cfg, nets)
+    @property
+    def lr(self) -> float:
+        """The paper's learning rate (the module's `LR`)."""
+        return self.module.LR
+
+    def make_optimizers(self, cfg, nets, lr: float | None = None):
+        """The optimizers at learning rate `lr`; None = the paper's (tests and benchmarks)."""
+        return self.module.make_optimizers(cfg, nets, self.lr if lr is None else lr)
 
     def train_step(self, cfg, nets, optimizers, batch, state):
         return self.module.train_step(cfg, nets, optimizers, batch, state)

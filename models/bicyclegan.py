@@ -32,6 +32,8 @@ from models.layers import (
 )
 from models.losses import gan_loss, kl_to_standard_normal
 
+LR = 2e-4  # the paper's learning rate: the default of a run's optim.lr
+
 
 @dataclass
 class Config:
@@ -54,7 +56,6 @@ class Config:
     lambda_z: float = 0.5
     lambda_gan: float = 1.0
     lambda_gan2: float = 1.0
-    lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.999)
     init_gain: float = 0.02
     init_type: str = "xavier"  # the reference's default for BicycleGAN ('normal' as pix2pix)
@@ -88,8 +89,8 @@ def d_loss(disc, real, fake, mode):
     return scales_loss(disc(real), True, mode) + scales_loss(disc(fake), False, mode)
 
 
-def make_optimizers(cfg, nets):
-    return {name: torch.optim.Adam(nets[name].parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+def make_optimizers(cfg, nets, lr):
+    return {name: torch.optim.Adam(nets[name].parameters(), lr=lr, betas=tuple(cfg.betas))
             for name in ("G", "E", "D", "D2")}
 
 

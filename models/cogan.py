@@ -21,6 +21,8 @@ from torch import nn
 from models.layers import init_weights, set_requires_grad
 from models.losses import gan_loss
 
+LR = 2e-4  # the paper's learning rate: the default of a run's optim.lr
+
 
 @dataclass
 class Config:
@@ -32,7 +34,6 @@ class Config:
     ndf: int = 64
     gan_mode: str = "vanilla"
     g_updates_per_d: int = 1
-    lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.999)
     weight_decay: float = 0.0005  # Adam's L2 term, as mingyuliutw/CoGAN's trainers and solvers
     init_gain: float = 0.02
@@ -119,10 +120,10 @@ def build_nets(cfg):
     return init_weights(nets, cfg.init_gain)
 
 
-def make_optimizers(cfg, nets):
+def make_optimizers(cfg, nets, lr):
     return {
         name: torch.optim.Adam(
-            nets[name].parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+            nets[name].parameters(), lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
         )
         for name in ("G", "D")
     }

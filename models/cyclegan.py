@@ -16,6 +16,8 @@ from models.image_pool import ImagePool
 from models.layers import PatchDiscriminator, ResnetGenerator, init_weights, set_requires_grad
 from models.losses import discriminator_loss, gan_loss
 
+LR = 2e-4  # the paper's learning rate: the default of a run's optim.lr
+
 
 @dataclass
 class Config:
@@ -31,7 +33,6 @@ class Config:
     lambda_cycle: float = 10.0
     lambda_identity: float = 0.5  # identity weight = lambda_identity · lambda_cycle; 0 disables
     pool_size: int = 50
-    lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.999)
     init_gain: float = 0.02
 
@@ -46,9 +47,9 @@ def build_nets(cfg):
     return init_weights(nets, cfg.init_gain)
 
 
-def make_optimizers(cfg, nets):
+def make_optimizers(cfg, nets, lr):
     adam = lambda *names: torch.optim.Adam(  # noqa: E731
-        [p for n in names for p in nets[n].parameters()], lr=cfg.lr, betas=tuple(cfg.betas))
+        [p for n in names for p in nets[n].parameters()], lr=lr, betas=tuple(cfg.betas))
     return {"G": adam("G_ab", "G_ba"), "D": adam("D_a", "D_b")}
 
 

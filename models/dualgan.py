@@ -40,6 +40,9 @@ from models.norms import NORM_KINDS
 DUALGAN_LOSSES = ("wgan", "wgan-gp", "lsgan")
 
 
+LR = 5e-5  # the paper's learning rate: the default of a run's optim.lr
+
+
 @dataclass
 class Config:
     channels_a: int = 3
@@ -59,7 +62,6 @@ class Config:
     lambda_b: float = 500.0
     recon_metric: str = "l1"  # l1 | l2
     optimizer: str = "rmsprop"  # rmsprop | adam
-    lr: float = 5e-5
     betas: tuple[float, float] = (0.5, 0.999)  # only for optimizer=adam
     init_gain: float = 0.02
 
@@ -106,13 +108,13 @@ def tf1_rmsprop(params, lr):
     return opt
 
 
-def make_optimizers(cfg, nets):
+def make_optimizers(cfg, nets, lr):
     def opt(*names):
         params = [p for n in names for p in nets[n].parameters()]
         if cfg.optimizer == "rmsprop":
-            return tf1_rmsprop(params, cfg.lr)
+            return tf1_rmsprop(params, lr)
         if cfg.optimizer == "adam":
-            return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas))
+            return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas))
         raise ValueError(f"optimizer must be rmsprop or adam, got {cfg.optimizer!r}")
     return {"G": opt("G_ab", "G_ba"), "D": opt("D_a", "D_b")}
 

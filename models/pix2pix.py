@@ -14,6 +14,8 @@ from torch import nn
 from models.layers import PatchDiscriminator, UnetGenerator, init_weights, set_requires_grad
 from models.losses import gan_loss
 
+LR = 2e-4  # the paper's learning rate: the default of a run's optim.lr
+
 
 @dataclass
 class Config:
@@ -27,7 +29,6 @@ class Config:
     use_dropout: bool = True
     gan_mode: str = "vanilla"
     lambda_l1: float = 100.0
-    lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.999)
     init_gain: float = 0.02
 
@@ -44,9 +45,9 @@ def build_nets(cfg):
     return init_weights(nets, cfg.init_gain)
 
 
-def make_optimizers(cfg, nets):
+def make_optimizers(cfg, nets, lr):
     return {
-        name: torch.optim.Adam(nets[key].parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+        name: torch.optim.Adam(nets[key].parameters(), lr=lr, betas=tuple(cfg.betas))
         for name, key in (("G", "G_ab"), ("D", "D"))
     }
 

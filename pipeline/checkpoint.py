@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.image_pool import ImagePool
+from pipeline import storage
 
 NETS, TRAIN, CONFIG, META = "nets.safetensors", "train.pt", "config.json", "meta.json"
 
@@ -114,19 +115,18 @@ def save(directory: str, *, rank: int, nets, optimizers: dict, schedulers: dict,
             "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
             "progress": progress,
         }, p))
-        _atomic(directory, CONFIG, lambda p: open(p, "w").write(config_json))
+        storage.write_bytes(os.path.join(directory, CONFIG), config_json.encode())
     return directory
 
 
 def write_meta(directory: str, meta: dict) -> None:
     """Written last, by rank 0, once every rank has saved: its presence marks a complete checkpoint."""
-    _atomic(directory, META, lambda p: open(p, "w").write(json.dumps(meta, indent=2)))
+    storage.write_bytes(os.path.join(directory, META), json.dumps(meta, indent=2).encode())
 
 
 def _atomic(directory: str, name: str, write) -> None:
-    tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, os.path.join(directory, name))
+    with storage.replacing(os.path.join(directory, name)) as temp:
+        write(temp)
 
 
 def load_nets(directory: str, nets, device="cpu") -> None:
@@ -189,8 +189,6 @@ def latest_local(root: str) -> str | None:
 def latest_meta(root: str, endpoint: str | None = None) -> dict | None:
     """meta.json of the newest complete checkpoint under a run folder, local or s3:// (where Ray
     Train writes the run's checkpoints); None when there is none."""
-    from pipeline import storage
-
     done = sorted(p for p in storage.list_files(root, endpoint)
                   if p.startswith("checkpoint_") and p.endswith("/" + META) and p.count("/") == 1)
     return json.loads(storage.read_bytes(storage.join(root, done[-1]), endpoint)) if done else None

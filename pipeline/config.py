@@ -6,7 +6,6 @@ with the list of what is valid, so a typo never trains the wrong thing silently.
 """
 
 import dataclasses
-import json
 import numbers
 import types
 import typing
@@ -124,31 +123,18 @@ def to_dict(obj):
     return dataclasses.asdict(obj)
 
 
-def flatten(obj):
-    """{dotted key: value} for every leaf: MLflow params and Tune spaces use these names."""
-    return {k: _get(obj, k) for k in valid_keys(obj)}
-
-
-def _get(obj, key):
-    for part in key.split("."):
-        obj = getattr(obj, part)
-    return obj
+def flatten(obj, prefix: str = "") -> dict:
+    """{dotted key: value} for every leaf of a (nested) dataclass or dict: MLflow params and Tune
+    spaces use these names."""
+    items = to_dict(obj) if dataclasses.is_dataclass(obj) else obj
+    flat = {}
+    for k, v in items.items():
+        flat.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return flat
 
 
 def from_dict(cls_or_obj, data):
     """Rebuild a config from `to_dict` output (or JSON), checking every key as overrides do."""
     obj = cls_or_obj() if isinstance(cls_or_obj, type) else cls_or_obj
-    flat = {}
-
-    def walk(d, prefix):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[prefix + k] = tuple(v) if isinstance(v, list) else v
-    walk(data, "")
-    return apply_overrides(obj, flat)
-
-
-def to_json(obj):
-    return json.dumps(to_dict(obj), indent=2, sort_keys=True)
+    # JSON turned tuples into lists
+    return apply_overrides(obj, {k: tuple(v) if isinstance(v, list) else v for k, v in flatten(data).items()})

@@ -17,11 +17,12 @@ trains a new judge instead of loading an old one. Images are N×C×H×W in [-1, 
 import hashlib
 import json
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline import storage
 
 JUDGE_VERSION = 2  # 1: three plain convolutions, no augmentation (0.96 MNIST, 0.65 MNIST-M)
 
@@ -262,8 +263,6 @@ def save_classifier(classifier, path, recipe=None):
     recipe goes into the metadata, to be read by people (the file name carries its hash)."""
     from safetensors.torch import save_file
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
     state = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
     meta = {"channels": classifier.channels, "size": classifier.size,
             "width": classifier.features[0].out_channels,
@@ -271,8 +270,8 @@ def save_classifier(classifier, path, recipe=None):
     meta = {k: str(v) for k, v in meta.items()}
     if recipe is not None:
         meta["recipe"] = json.dumps({**recipe, "judge_version": JUDGE_VERSION}, sort_keys=True, default=str)
-    save_file(state, tmp, metadata=meta)
-    os.replace(tmp, path)
+    with storage.replacing(path) as temp:
+        save_file(state, temp, metadata=meta)
     return path
 
 

@@ -77,13 +77,6 @@ class Progress:
     steps: int = 0  # the run's total steps once a time budget fixed them (0: train.steps decides)
 
 
-def effective_model_config(cfg):
-    """The model config with the run's overrides that live outside it (optim.lr)."""
-    if cfg.optim.lr is None:
-        return cfg.model
-    return dataclasses.replace(cfg.model, lr=cfg.optim.lr)
-
-
 def lr_factor(step: int, steps: int, decay_from: float) -> float:
     """Constant, then linear decay to 0 at the last step (CycleGAN's schedule, counted in steps)."""
     start = int(decay_from * steps)
@@ -109,7 +102,7 @@ def rank_seed(seed: int, rank: int) -> int:
 def batches_per_epoch(cfg, world: int) -> int:
     from pipeline.data import read_manifest, split_counts
 
-    counts = split_counts(read_manifest(cfg.data.path, cfg.data.s3_endpoint or None), cfg.data.train_split)
+    counts = split_counts(read_manifest(cfg.data.path, cfg.storage.endpoint or None), cfg.data.train_split)
     n = max(counts.values()) // world // cfg.train.batch_size
     if n < 1:
         raise ValueError(f"{cfg.data.path}: {max(counts.values())} training samples cannot fill one batch of "
@@ -231,7 +224,7 @@ def check_finite(losses: dict, step: int) -> None:
 def check_channels(cfg, model_cfg) -> None:
     from pipeline.data import read_manifest
 
-    domains = read_manifest(cfg.data.path, cfg.data.s3_endpoint or None)["domains"]
+    domains = read_manifest(cfg.data.path, cfg.storage.endpoint or None)["domains"]
     stored = {}
     for name, info in domains.items():
         for key in (["a", "b"] if name == "ab" else [name]):
@@ -486,7 +479,7 @@ def build_trainee(cfg, spec, model_cfg, session) -> Trainee:
         nets = nets.to(memory_format=torch.channels_last)
     if session.world > 1:
         broadcast_module(nets)
-    optimizers = spec.make_optimizers(model_cfg, nets)
+    optimizers = spec.make_optimizers(model_cfg, nets, cfg.optim.lr)
     trainee = Trainee(nets, optimizers, make_schedulers(cfg, optimizers), {}, Progress())
     restored = session.restore(lambda d: ckpt.load(d, rank=session.rank, nets=nets, optimizers=optimizers,
                                                    schedulers=trainee.schedulers, device=session.device))
@@ -496,20 +489,20 @@ def build_trainee(cfg, spec, model_cfg, session) -> Trainee:
         trainee.state = restored["state"]
         trainee.progress = Progress(**restored["progress"])
         trainee.resumed_from = trainee.progress.step
-        apply_learning_rate(cfg, model_cfg, trainee)
+        apply_learning_rate(cfg, trainee)
     return trainee
 
 
-def apply_learning_rate(cfg, model_cfg, trainee: Trainee) -> None:
+def apply_learning_rate(cfg, trainee: Trainee) -> None:
     """After a restore, this run's learning rate wins over the checkpoint's: a PBT exploit loads
     the donor's optimizers and schedulers, then continues with the mutated rate (a --resume with
     optim.lr changed likewise). Loss weights, Batch Renorm limits and the rest are read from the
     config at every step, so they need nothing here."""
     factor = lr_factor(trainee.progress.step, cfg.train.steps, cfg.optim.decay_from)
     for name, scheduler in trainee.schedulers.items():
-        scheduler.base_lrs = [model_cfg.lr] * len(scheduler.base_lrs)
+        scheduler.base_lrs = [cfg.optim.lr] * len(scheduler.base_lrs)
         for group in trainee.optimizers[name].param_groups:
-            group["initial_lr"], group["lr"] = model_cfg.lr, model_cfg.lr * factor
+            group["initial_lr"], group["lr"] = cfg.optim.lr, cfg.optim.lr * factor
 
 
 def save_checkpoint(cfg, session, trainee: Trainee, tracker) -> str:
@@ -564,13 +557,13 @@ def run_training(cfg, session) -> dict:
     from models import MODELS
     from pipeline.distributed import average_buffers, wrap_optimizers
 
-    spec, model_cfg = MODELS[cfg.model_name], effective_model_config(cfg)
+    spec, model_cfg = MODELS[cfg.model_name], cfg.model
     check_channels(cfg, model_cfg)
     trainee = build_trainee(cfg, spec, model_cfg, session)
     if trainee.progress.steps:  # a budget run restored after its steps were fixed: keep them
-        cfg = fix_steps(cfg, model_cfg, trainee, trainee.progress.steps)
+        cfg = fix_steps(cfg, trainee, trainee.progress.steps)
     elif cfg.train.max_minutes:  # until the budget decides: no end, no LR decay, Batch Renorm as BN
-        cfg = reschedule(with_steps(cfg, UNDECIDED), model_cfg, trainee)
+        cfg = reschedule(with_steps(cfg, UNDECIDED), trainee)
     tracker = open_tracker(cfg, session.rank)
     if trainee.resumed_from is not None:  # a worker restart or --resume: same MLflow run, noted
         tracker.log_metrics({"progress/resumed_from_step": trainee.resumed_from}, trainee.resumed_from)
@@ -612,7 +605,7 @@ def run_training(cfg, session) -> dict:
         meter.add(losses, images, waited, time.perf_counter() - start)
         fixed = budget.decide(trainee.progress.step) if budget and not trainee.progress.steps else 0
         if fixed:
-            cfg = fix_steps(cfg, model_cfg, trainee, fixed)
+            cfg = fix_steps(cfg, trainee, fixed)
         after_step(cfg, session, trainee, tracker, evaluator, meter, decided=bool(fixed))
         if fixed:  # logged once the checkpoint holds it: a restart before that decides afresh
             report_budget(cfg, session, tracker, fixed)
@@ -636,17 +629,17 @@ def start_budget(cfg, spec, session, trainee: Trainee, evaluator, tracker):
     return budget
 
 
-def fix_steps(cfg, model_cfg, trainee: Trainee, steps: int):
+def fix_steps(cfg, trainee: Trainee, steps: int):
     """The run's config with `steps` total, kept in the progress (and so in checkpoints)."""
     trainee.progress = dataclasses.replace(trainee.progress, steps=steps)
-    return reschedule(with_steps(cfg, steps), model_cfg, trainee)
+    return reschedule(with_steps(cfg, steps), trainee)
 
 
-def reschedule(cfg, model_cfg, trainee: Trainee):
+def reschedule(cfg, trainee: Trainee):
     """The LR schedule re-read from cfg.train.steps (the budget fixes them before any decay)."""
     for scheduler in trainee.schedulers.values():
         scheduler.lr_lambdas = [schedule(cfg)] * len(scheduler.lr_lambdas)
-    apply_learning_rate(cfg, model_cfg, trainee)
+    apply_learning_rate(cfg, trainee)
     return cfg
 
 
@@ -722,7 +715,7 @@ def ray_trainer(cfg):
     from pipeline.run_config import to_json
 
     resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}
-    filesystem, path = (storage.arrow_filesystem(cfg.storage.path, cfg.data.s3_endpoint or None)
+    filesystem, path = (storage.arrow_filesystem(cfg.storage.path, cfg.storage.endpoint or None)
                         if storage.is_s3(cfg.storage.path) else (None, cfg.storage.path))
     run_config = ray.train.RunConfig(
         name=cfg.tracking.run_name, storage_path=path, storage_filesystem=filesystem,

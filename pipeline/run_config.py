@@ -12,6 +12,7 @@ It is resolved to an absolute path once, in the driver, so that `ray job submit 
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,6 @@ class DataSettings:
     path: str = ""  # Parquet dataset made by prepare_data.py (local or s3://); "" = <home>/data/<dataset>
     dataset: str = ""  # known dataset name (facades, weizmann_horse, mnist2mnistm, digits)
     source: str = ""  # raw folder to ingest from when `path` holds no dataset; "" = the known source
-    s3_endpoint: str = ""
     load_size: int = 0  # resize to this before cropping; 0 = as stored
     crop_size: int = 0  # random crop fed to the nets; 0 = the whole (resized) image
     flip: bool = True
@@ -49,7 +49,7 @@ class TrainSettings:
 
 @dataclass
 class OptimSettings:
-    lr: float | None = None  # None = the model's default learning rate (model.lr)
+    lr: float | None = None  # None = the model's paper rate (its module's LR), filled in by RunConfig
     decay_from: float = 0.5  # fraction of steps at constant lr; then linear decay to 0 (CycleGAN)
 
 
@@ -117,6 +117,8 @@ class TrackingSettings:
 @dataclass
 class StorageSettings:
     path: str = ""  # checkpoints and Ray Train state; "" = <home>/runs; s3://bucket/prefix works
+    endpoint: str = ""  # S3-compatible endpoint URL for every s3:// path (data, checkpoints, searches);
+    # "" = the AWS environment's (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL), else AWS itself
 
 
 @dataclass
@@ -138,6 +140,8 @@ class RunConfig:
     def __post_init__(self):
         if self.model is None:
             self.model = MODELS[self.model_name].Config()
+        if self.optim.lr is None:  # a number from here on: params and checkpoints record the rate used
+            self.optim = dataclasses.replace(self.optim, lr=MODELS[self.model_name].lr)
 
 
 def make_config(model_name: str, **sections) -> RunConfig:
@@ -147,6 +151,7 @@ def make_config(model_name: str, **sections) -> RunConfig:
 def override(cfg: RunConfig, overrides) -> RunConfig:
     """Apply `key=value` strings or a {key: value} dict; the model itself is fixed by the recipe."""
     items = overrides if isinstance(overrides, dict) else dict(_pair(o) for o in overrides)
+    items = upgrade_keys(items)
     if "model_name" in items and items["model_name"] != cfg.model_name:
         raise ConfigError("model_name is fixed by the recipe; pick another recipe (--recipe) instead")
     cfg = apply_overrides(cfg, items)
@@ -167,6 +172,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.train.max_minutes >= 0, f"train.max_minutes must be >= 0, got {cfg.train.max_minutes}"),
         (cfg.train.batch_size >= 1, f"train.batch_size must be >= 1, got {cfg.train.batch_size}"),
         (cfg.scaling.num_workers >= 1, f"scaling.num_workers must be >= 1, got {cfg.scaling.num_workers}"),
+        (cfg.optim.lr >= 0, f"optim.lr must be >= 0, got {cfg.optim.lr}"),
         (0.0 <= cfg.optim.decay_from <= 1.0, f"optim.decay_from must be in [0, 1]: {cfg.optim.decay_from}"),
         (cfg.data.reader in ("ray", "local"), f"data.reader must be ray or local, got {cfg.data.reader!r}"),
         (cfg.checkpoint.every >= 0 and cfg.eval.every >= 0, "checkpoint.every and eval.every must be >= 0"),
@@ -206,9 +212,42 @@ def to_json(cfg: RunConfig) -> str:
 def from_json(text_or_dict) -> RunConfig:
     data = json.loads(text_or_dict) if isinstance(text_or_dict, str) else dict(text_or_dict)
     base = make_config(data.get("model_name", "cyclegan"))
-    return from_dict(base, data)
+    return from_dict(base, upgrade_keys(flatten(data)))
+
+
+def model_config(model_name: str, data: dict):
+    """The model's Config from its dict (a logged generator's generator.json). `lr`, which model
+    configs held before the rate moved to optim.lr, is dropped: using a generator needs no rate."""
+    return from_dict(MODELS[model_name].Config, {k: v for k, v in data.items() if k != "lr"})
 
 
 def flat_params(cfg: RunConfig) -> dict:
     """{dotted key: value} for MLflow params and Tune spaces."""
     return flatten(cfg)
+
+
+# Keys that moved, old name -> new name. Files written before the move (checkpoints' config.json,
+# best_config.json, MLflow params) and `--set` with an old name are read into the new key.
+MOVED = {"model.lr": "optim.lr", "data.s3_endpoint": "storage.endpoint"}
+_noted = set()  # old keys already noted in this process
+
+
+def upgrade_keys(items: dict) -> dict:
+    """Flat `items` with moved keys under their new names. Where both are given the new one wins
+    when set: an old file holds model.lr (the model's rate) beside optim.lr (None, or the run's
+    rate, which was the one used)."""
+    items = dict(items)
+    for old, new in MOVED.items():
+        if old not in items:
+            continue
+        value = items.pop(old)
+        if old not in _noted:
+            _noted.add(old)
+            print(f"note: config key {old} is now {new}; reading it as {new}", file=sys.stderr)
+        if _unset(items.get(new)):
+            items[new] = value
+    return items
+
+
+def _unset(value) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null"))

@@ -221,15 +221,6 @@ def trial_resources(cfg: RunConfig, gpus_per_trial: float) -> dict:
     return {"CPU": 0.1}  # the trial only drives its TorchTrainer, whose workers hold the resources
 
 
-def save_json(obj, path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
-    return path
-
-
 def best_run_config(base_json: str, params: dict) -> str:
     """The best trial's complete RunConfig as JSON, runnable with `jobs/train.py --config FILE`."""
     cfg = override(from_json(base_json), params)

@@ -12,6 +12,7 @@ calls are retried a bounded number of times (botocore "standard" mode) and then 
 StorageError, whose message names the endpoint, bucket and key but never a credential.
 """
 
+import contextlib
 import hashlib
 import io
 import os
@@ -214,15 +215,23 @@ def write_bytes(uri: str, data: bytes, endpoint: str | None = None) -> None:
             "PUT", uri, endpoint, lambda c: c.upload_fileobj(io.BytesIO(data), bucket, key, Config=TRANSFER)
         )
         return
-    folder = os.path.dirname(os.path.abspath(uri))
+    with replacing(uri) as temp, open(temp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def replacing(path: str):
+    """A hidden temp path beside local `path` for the block to write (torch.save, PIL, safetensors),
+    renamed over `path` when the block ends, removed if it fails: readers see the old file, no
+    file, or the complete new one."""
+    folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    temp = os.path.join(folder, f".{os.path.basename(uri)}{TEMP_MARK}{uuid.uuid4().hex[:8]}")
+    temp = os.path.join(folder, f".{os.path.basename(path)}{TEMP_MARK}{uuid.uuid4().hex[:8]}")
     try:
-        with open(temp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, uri)
+        yield temp
+        os.replace(temp, path)
     finally:
         if os.path.exists(temp):
             os.remove(temp)

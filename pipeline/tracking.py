@@ -46,8 +46,9 @@ from safetensors.torch import load_file, save_file
 import models
 from models import MODELS
 from pipeline import served_generator
-from pipeline.config import from_dict
+from pipeline.config import flatten
 from pipeline.evaluation import save_png, to_rgb
+from pipeline.run_config import model_config
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ class Tracker:
         example = np.ascontiguousarray(input_example[:1], dtype=np.float32)  # one row keeps the JSON small
         logged = self.client.create_logged_model(
             self.experiment_id, name=f"generator_{direction}", source_run_id=self.run_id,
-            params={k: _clip(v, MAX_PARAM_LENGTH) for k, v in _flat(model_config).items()},
+            params={k: _clip(v, MAX_PARAM_LENGTH) for k, v in flatten(model_config).items()},
             tags={"transmute.model": model_name, "transmute.net": net_name}, model_type="generator")
         try:
             with tempfile.TemporaryDirectory() as tmp:
@@ -279,13 +280,6 @@ def tracker_for(rank: int, tracking_uri: str | None, run_id: str | None):
 
 
 # ----------------------------------------------------------------------------- generators
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
 
 
 def _save_pyfunc(tmp: str, logged, run_id: str, info: dict, state_dict: dict, example: np.ndarray) -> str:
@@ -365,7 +359,7 @@ class LoadedGenerator:
 
 def _build(info: dict, weights_path: str, device) -> LoadedGenerator:
     spec = MODELS[info["model"]]
-    cfg = from_dict(spec.Config, info["config"])
+    cfg = model_config(info["model"], info["config"])
     net = spec.build_nets(cfg)[info["net"]]
     net.load_state_dict(load_file(weights_path))  # safetensors: tensors only, never pickles
     return LoadedGenerator(info["model"], cfg, info["direction"], info["net"], net.to(device).eval())

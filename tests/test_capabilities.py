@@ -40,7 +40,6 @@ class Config:
     nz: int = 2
     norm: str = "none"
     lambda_l1: float = 10.0
-    lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.999)
 
 
@@ -64,8 +63,11 @@ def build_nets(cfg):
     return nn.ModuleDict({"G": Generator(cfg), "D": d})
 
 
-def make_optimizers(cfg, nets):
-    return {k: torch.optim.Adam(nets[k].parameters(), lr=cfg.lr, betas=tuple(cfg.betas)) for k in ("G", "D")}
+LR = 2e-4  # the default of the run's optim.lr
+
+
+def make_optimizers(cfg, nets, lr):
+    return {k: torch.optim.Adam(nets[k].parameters(), lr=lr, betas=tuple(cfg.betas)) for k in ("G", "D")}
 
 
 def train_step(cfg, nets, optimizers, batch, state):

@@ -13,6 +13,7 @@ from tiny import tiny_model
 
 from models.image_pool import ImagePool
 from pipeline import checkpoint as ckpt
+from pipeline import storage
 from pipeline.loop import lr_factor, run_plain
 
 
@@ -61,6 +62,16 @@ def test_checkpoint_files_load_with_weights_only_and_no_temp_files(tmp_path):
     tensors = load_file(tmp_path / "nets.safetensors")
     assert any(k.endswith("rmax") for k in tensors)  # Batch Renorm limits travel with the nets
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    path = str(tmp_path / "f.bin")
+    storage.write_bytes(path, b"old")
+    with pytest.raises(RuntimeError), storage.replacing(path) as temp:
+        with open(temp, "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("killed mid-write")
+    assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["f.bin"]
 
 
 def test_wrong_config_is_a_clear_error(tmp_path):

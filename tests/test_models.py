@@ -156,9 +156,9 @@ def test_dualgan_rmsprop_starts_its_accumulator_at_one_as_tf1():
     p.grad = g.clone()
     opt.step()
     step = -p.detach()
-    tf1 = cfg.lr * g / torch.sqrt(0.9 + 0.1 * g**2)  # TF1: ms starts at 1
+    tf1 = spec.lr * g / torch.sqrt(0.9 + 0.1 * g**2)  # TF1: ms starts at 1
     torch.testing.assert_close(step, tf1, rtol=1e-5, atol=0.0)
-    assert not torch.allclose(step, cfg.lr * g / torch.sqrt(0.1 * g**2))  # torch's own start at 0
+    assert not torch.allclose(step, spec.lr * g / torch.sqrt(0.1 * g**2))  # torch's own start at 0
     # A checkpoint's optimizer state replaces the pre-filled ones
     _, _, nets2, optimizers2 = tiny_model("dualgan")
     optimizers2["D"].load_state_dict(opt.state_dict())

@@ -9,6 +9,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from safetensors.torch import save_file
 from tiny import tiny_model
 
 from models import MODELS
@@ -165,6 +166,17 @@ def test_served_bicyclegan_and_cogan(mlflow_server, monkeypatch):
     info, _, _, z = log_tiny(tracker, "cogan", direction="pair")
     pair = mlflow.pyfunc.load_model(info["model_uri"]).predict(z.numpy())
     assert pair.shape == (2, 2, 32, 32)  # channels_a + channels_b, stacked along channels
+
+
+def test_generator_logged_before_the_rate_moved_loads(tmp_path):
+    """A generator.json written by the code before optim.lr (its model config holds `lr`)."""
+    old = Path(__file__).parent / "assets" / "old_config" / "generator.json"
+    (tmp_path / tracking.SPEC_FILE).write_text(old.read_text())
+    spec, cfg, nets, _ = tiny_model("cyclegan")  # the same widths as the old file's
+    save_file({k: v.contiguous() for k, v in nets["G_ab"].state_dict().items()},
+              str(tmp_path / tracking.WEIGHTS_FILE))
+    loaded = tracking.load_generator(str(tmp_path))
+    assert loaded.config == cfg and loaded(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
 
 
 def test_null_tracker_does_nothing():

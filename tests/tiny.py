@@ -13,11 +13,12 @@ TINY = {
 }
 
 
-def tiny_model(name, **overrides):
+def tiny_model(name, lr=None, **overrides):
+    """(spec, cfg, nets, optimizers); `lr` None = the paper's rate."""
     spec = MODELS[name]
     cfg = spec.Config(**{**TINY[name], **overrides})
     nets = spec.build_nets(cfg)
-    return spec, cfg, nets, spec.make_optimizers(cfg, nets)
+    return spec, cfg, nets, spec.make_optimizers(cfg, nets, lr)
 
 
 def tiny_batch(cfg, n=4, size=32, seed=0):

@@ -180,7 +180,7 @@ def ingest(
     src: str,
     dst: str,
     options: IngestOptions | None = None,
-    s3_endpoint: str | None = None,
+    endpoint: str | None = None,
     *,
     progress: bool = True,
     command: str | None = None,
@@ -196,20 +196,20 @@ def ingest(
         raise IngestError(
             f"shard_rows and shard_bytes must be positive, got {opts.shard_rows}, {opts.shard_bytes}"
         )
-    found = _find(src, opts, s3_endpoint)
-    previous = _previous_shards(dst, s3_endpoint)
-    written = _write(found, opts, _ShardWriter(dst, s3_endpoint, opts.shard_rows, opts.shard_bytes), progress)
+    found = _find(src, opts, endpoint)
+    previous = _previous_shards(dst, endpoint)
+    written = _write(found, opts, _ShardWriter(dst, endpoint, opts.shard_rows, opts.shard_bytes), progress)
     if not written.rows:
         rejected = written.rejected
         raise IngestError(
             f"no usable images in {storage.public_uri(src)}: {len(rejected)} rejected {rejected[:3]}"
         )
     if opts.strict and written.rejected:
-        _remove_unlisted(dst, previous, s3_endpoint)
+        _remove_unlisted(dst, previous, endpoint)
         raise StrictRejects(written.rejected)
     manifest = _manifest(src, opts, found, written, command or _default_command(src, dst, opts))
-    storage.write_bytes(storage.join(dst, MANIFEST), json.dumps(manifest, indent=1).encode(), s3_endpoint)
-    _remove_unlisted(dst, {s["path"] for s in written.shards}, s3_endpoint)
+    storage.write_bytes(storage.join(dst, MANIFEST), json.dumps(manifest, indent=1).encode(), endpoint)
+    _remove_unlisted(dst, {s["path"] for s in written.shards}, endpoint)
     log.info(
         "ingested %d rows %s, %d rejected, %d converted, content hash %s",
         manifest["rows"],

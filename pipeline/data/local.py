@@ -30,7 +30,7 @@ class LocalReader:
 
     def __init__(self, spec: ReadSpec, *, epoch: int = 0, world_size: int = 1, rank: int = 0, skip: int = 0):
         self.spec = spec
-        self.manifest = read_manifest(spec.path, spec.s3_endpoint)
+        self.manifest = read_manifest(spec.path, spec.endpoint)
         self.skip = skip
         self.counts = split_counts(self.manifest, spec.split)
         self.epoch, self.world_size, self.rank = epoch, world_size, rank
@@ -74,7 +74,7 @@ def _read_table(manifest: dict, spec: ReadSpec, domain: str) -> dict:
     """{"image": list of bytes, "label": int64 array} of one split/domain, in index order."""
     tables = []
     for uri in shard_uris(manifest, spec.path, spec.split, domain):
-        fs, path = storage.arrow_filesystem(uri, spec.s3_endpoint)
+        fs, path = storage.arrow_filesystem(uri, spec.endpoint)
         tables.append(pq.read_table(path, filesystem=fs, columns=["index", "image", "label"]))
     table = pa.concat_tables(tables).sort_by("index")
     labels = table["label"].to_numpy(zero_copy_only=False) if table["label"].null_count == 0 else None

@@ -53,16 +53,16 @@ def content_hash(pairs) -> str:
     return sha256("".join(lines).encode())
 
 
-def read_manifest(dst: str, s3_endpoint: str | None = None) -> dict:
+def read_manifest(dst: str, endpoint: str | None = None) -> dict:
     """The manifest of an ingested dataset; FileNotFoundError if DST holds none (or its ingest
     never finished)."""
     uri = storage.join(dst, MANIFEST)
-    if not storage.is_file(uri, s3_endpoint):
+    if not storage.is_file(uri, endpoint):
         raise FileNotFoundError(
             f"no {MANIFEST} in {storage.public_uri(dst)}: "
             "not an ingested dataset, or its ingest did not finish"
         )
-    manifest = json.loads(storage.read_bytes(uri, s3_endpoint))
+    manifest = json.loads(storage.read_bytes(uri, endpoint))
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(
             f"{uri}: schema_version {manifest.get('schema_version')!r}, this code reads {SCHEMA_VERSION}"

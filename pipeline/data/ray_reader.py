@@ -21,19 +21,19 @@ def ray_dataset(
     split: str,
     domain: str | None = None,
     columns: list[str] | None = None,
-    s3_endpoint: str | None = None,
+    endpoint: str | None = None,
 ):
     """The raw rows (SCHEMA) of one split, optionally one domain, as a Ray Dataset: only the shards
     the manifest lists. For batch translation: map_batches over `image` with images.decode."""
     import ray.data
 
-    manifest = read_manifest(dst, s3_endpoint)
+    manifest = read_manifest(dst, endpoint)
     domains = [domain] if domain else list(split_counts(manifest, split))
     uris = [u for d in domains for u in shard_uris(manifest, dst, split, d)]
     if not uris:
         raise KeyError(f"no shards for split {split!r} domain {domain!r} in {storage.public_uri(dst)}")
-    fs, _ = storage.arrow_filesystem(dst, s3_endpoint)
-    paths = [storage.arrow_filesystem(u, s3_endpoint)[1] for u in uris]
+    fs, _ = storage.arrow_filesystem(dst, endpoint)
+    paths = [storage.arrow_filesystem(u, endpoint)[1] for u in uris]
     ds = ray.data.read_parquet(paths, filesystem=fs, partitioning=None, file_extensions=None)
     return ds.select_columns(columns) if columns else ds
 
@@ -50,7 +50,7 @@ def augmented_dataset(spec: ReadSpec, *, epoch: int = 0, world_size: int = 1, ra
     are known, so no sampling) -> decode and augment each position's rows with `Augment` (a and b
     of one position always share a block).
     """
-    manifest = read_manifest(spec.path, spec.s3_endpoint)
+    manifest = read_manifest(spec.path, spec.endpoint)
     counts = split_counts(manifest, spec.split)
     augment = spec.augment(manifest, epoch)
     positions, plan = epoch_plan(counts, spec.seed, epoch, world_size, rank)
@@ -60,7 +60,7 @@ def augmented_dataset(spec: ReadSpec, *, epoch: int = 0, world_size: int = 1, ra
             raise ValueError(f"skip={skip} consumes the whole epoch of {skip} samples")
     labelled = [d for d in counts if d != "ab" and manifest["domains"][d]["labelled"]]
     columns = ["domain", "index", "image"] + (["label"] if labelled else [])
-    ds = ray_dataset(spec.path, spec.split, columns=columns, s3_endpoint=spec.s3_endpoint)
+    ds = ray_dataset(spec.path, spec.split, columns=columns, endpoint=spec.endpoint)
     _small_sort_settings(ds.context)
     ds = ds.map_batches(
         _select_rows, batch_format="pyarrow", fn_kwargs={"plan": plan, "positions": positions}

@@ -26,7 +26,7 @@ class ReadSpec:
     seed: int = 0
     channels: int | None = None
     drop_last: bool = False
-    s3_endpoint: str | None = None
+    endpoint: str | None = None
 
     def __post_init__(self):
         if self.channels not in (None, 1, 3):
@@ -38,13 +38,13 @@ class ReadSpec:
         batches, augmented as configured, the incomplete last batch dropped. Otherwise `split`
         (default data.val_split) un-augmented at the size the nets see (the crop, else the load
         size), in batches of 1 unless replaced (dataclasses.replace), as evaluation reads it."""
-        d, endpoint = cfg.data, cfg.data.s3_endpoint or None
+        d, endpoint = cfg.data, cfg.storage.endpoint or None
         if train:
             return cls(d.path, split or d.train_split, cfg.train.batch_size, d.load_size or None,
                        d.crop_size or None, d.flip, cfg.train.seed, drop_last=True,
-                       s3_endpoint=endpoint)  # fmt: skip
+                       endpoint=endpoint)  # fmt: skip
         return cls(d.path, split or d.val_split, load_size=d.crop_size or d.load_size or None,
-                   flip=False, seed=cfg.train.seed, s3_endpoint=endpoint)  # fmt: skip
+                   flip=False, seed=cfg.train.seed, endpoint=endpoint)  # fmt: skip
 
     def augment(self, manifest: dict, epoch: int) -> Augment:
         """The augmentation of one epoch; the load size and channels not given are as stored."""

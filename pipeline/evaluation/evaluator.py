@@ -66,13 +66,13 @@ class Evaluator:
         self.mode, self.dropout = resolve_mode(spec, model_cfg, o.mode), o.dropout
         self.swap_ab = o.swap_ab  # as the run's data.swap_ab: a and b (and their labels) trade places
         self.spec, self.cfg, self.device, self.seed = spec, model_cfg, torch.device(device), o.seed
-        self.data_path, self.train_split, self.s3_endpoint = o.data_path, o.train_split, o.s3_endpoint
+        self.data_path, self.train_split, self.endpoint = o.data_path, o.train_split, o.endpoint
         self.size = o.size or spec.image_size(model_cfg)  # a generator from z has one fixed size
         self.train_images = o.train_images
         self.classifier_settings = {**(o.classifier or {}), "seed": o.seed}  # over the domain's recipe
         self.realism_settings = {**REALISM_RECIPE, **(o.realism or {}), "seed": o.seed}
         self.diversity_samples, self.pairs = o.diversity_samples, o.pairs
-        self.manifest = read_manifest(o.data_path, o.s3_endpoint)
+        self.manifest = read_manifest(o.data_path, o.endpoint)
         self.channels = {"a": model_cfg.channels_a, "b": model_cfg.channels_b}
         self.directions = [d for d in spec.directions if d in ("ab", "ba")]
         self.aligned = self.manifest["layout"] == "aligned"
@@ -97,7 +97,7 @@ class Evaluator:
     def _batches(self, split, limit):
         """Batches of `split` with the model's channels per domain, each domain cut at `limit`."""
         reader = LocalReader(ReadSpec(self.data_path, split, batch_size=min(limit, 256), load_size=self.size,
-                                      flip=False, seed=self.seed, s3_endpoint=self.s3_endpoint))
+                                      flip=False, seed=self.seed, endpoint=self.endpoint))
         counts = {k: min(limit, n) for d, n in reader.counts.items() for k in ("ab" if d == "ab" else d)}
         if self.swap_ab:
             counts = {SWAP[k]: n for k, n in counts.items()}

@@ -10,7 +10,6 @@ the whole batch) are there for seed 000's comparison; "train" puts the running s
 since a look is not a training step. Images are N×C×H×W float tensors in [-1, 1] (C = 1 or 3).
 """
 
-import os
 from contextlib import contextmanager
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 from PIL import Image
 
 from models.norms import inference, inference_mode, run_generator
+from pipeline import storage
 
 
 @contextmanager
@@ -81,10 +81,8 @@ def tile(columns, pad=2):
 def save_png(image, path):
     """Save a 3×H×W tensor in [-1, 1] as PNG, atomically (temp name, then rename)."""
     array = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with storage.replacing(path) as temp:
+        Image.fromarray(np.ascontiguousarray(array)).save(temp, format="PNG")
     return path
 
 

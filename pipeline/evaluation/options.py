@@ -21,7 +21,7 @@ class EvalOptions:
     label_domain: str = "b"  # the domain holding label maps; "" = none
     num_classes: int = 0  # label palette size; 0 = no segmentation scores
     cache_dir: str | None = None  # judges kept here as safetensors; None = trained every time
-    s3_endpoint: str | None = None
+    endpoint: str | None = None
     inception_path: str = ""  # TorchScript Inception on disk for FID/KID; "" = skip
     seed: int = 0
     diversity_samples: int = 4
@@ -40,6 +40,6 @@ class EvalOptions:
             cfg.data.path, train_split=cfg.data.train_split,
             size=cfg.data.crop_size or cfg.data.load_size or None, max_images=cfg.eval.max_images,
             label_domain=cfg.eval.label_domain, num_classes=cfg.eval.num_classes,
-            cache_dir=os.path.join(cfg.home, "cache"), s3_endpoint=cfg.data.s3_endpoint or None,
+            cache_dir=os.path.join(cfg.home, "cache"), endpoint=cfg.storage.endpoint or None,
             inception_path=cfg.eval.inception_path, seed=cfg.train.seed, swap_ab=cfg.data.swap_ab,
         )  # fmt: skip

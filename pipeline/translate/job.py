@@ -64,7 +64,7 @@ class Job:
     device: str = "cpu"
     bf16: bool = True
     io_workers: int = 1  # threads decoding and encoding beside the net (pillow releases the GIL)
-    s3_endpoint: str | None = None
+    endpoint: str | None = None
 
 
 @dataclass(frozen=True)

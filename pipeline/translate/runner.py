@@ -21,7 +21,7 @@ def run(job: Job, source: Source, options: RunOptions | None = None) -> dict:
     The manifest is committed after each completed block (at most every `options.commit_every_s`)."""
     options = options or RunOptions()
     job.settings.check(job.payload.model_name, job.samples)
-    started, outputs = now(), Outputs(job.output, job.s3_endpoint)
+    started, outputs = now(), Outputs(job.output, job.endpoint)
     work = resolve(job, source)  # complete before the folder is opened: its key filters the manifest
     outputs.open(work, _header(work, source), options.overwrite)
     todo = plan(work, source, outputs.entries, outputs.rejected, options.pairs)

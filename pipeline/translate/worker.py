@@ -53,7 +53,7 @@ class BatchTranslator:
         """(task, sha256, pixels, None), or (task, sha256, None, reason) for an unusable input."""
         task, row = work
         try:
-            blob = row["image"] if "image" in row else storage.read_bytes(task.uri, self.job.s3_endpoint)
+            blob = row["image"] if "image" in row else storage.read_bytes(task.uri, self.job.endpoint)
         except OSError as e:
             return task, task.sha256, None, f"cannot read: {e}"
         sha = str(row["sha256"]) if "sha256" in row else data.sha256(blob)  # a file may change after planning
@@ -109,7 +109,7 @@ class BatchTranslator:
     def _store_file(self, item: tuple) -> dict:
         _, pixels, entry = item
         blob = encode_output(pixels, self.job.settings.format, entry)
-        storage.write_bytes(storage.join(self.job.output, entry["file"]), blob, self.job.s3_endpoint)
+        storage.write_bytes(storage.join(self.job.output, entry["file"]), blob, self.job.endpoint)
         return {**entry, "status": "ok"}
 
     def _store_shard(self, named: list[tuple]) -> list[dict]:
@@ -120,7 +120,7 @@ class BatchTranslator:
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), buf, compression="none")
         shard = f"part-{data.sha256(buf.getvalue())[:16]}.parquet"
-        storage.write_bytes(storage.join(self.job.output, shard), buf.getvalue(), self.job.s3_endpoint)
+        storage.write_bytes(storage.join(self.job.output, shard), buf.getvalue(), self.job.endpoint)
         return [{**entry, "file": shard, "status": "ok"} for _, _, entry in named]
 
 
