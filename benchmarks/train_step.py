@@ -54,7 +54,6 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -344,27 +343,31 @@ def run_ours(args) -> dict:
 
 
 class PerfRecorder:
-    """Stands in for the MLflow tracker: keeps the loop's perf/* metrics of every logged step."""
+    """Stands in for the MLflow tracker: keeps the loop's perf/* metrics of every logged step and,
+    given a path, writes them there when the run ends (from inside a Ray worker)."""
 
-    def __init__(self):
-        self.rows = []
+    def __init__(self, path: str | None = None):
+        self.rows, self.path = [], path
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         if all(k in metrics for k in PERF_KEYS):
             perf = {k: metrics[k] for k in PERF_KEYS}
             self.rows.append({"step": step, "cpu_s": time.process_time(), **perf})
 
+    def end(self, status: str = "FINISHED") -> None:
+        if self.path:
+            import torch
+
+            Path(self.path).write_text(json.dumps({"rows": self.rows, "threads": torch.get_num_threads()}))
+
     def __getattr__(self, name):
         if name.startswith("__"):
             raise AttributeError(name)
         return lambda *args, **kwargs: None
 
-
-def recording(recorder: PerfRecorder):
-    """Make run_training log to `recorder` (the loop opens its tracker through open_tracker)."""
-    from pipeline import loop
-
-    return mock.patch.object(loop, "open_tracker", lambda cfg, rank: recorder)
+    def factory(self, cfg, rank: int):
+        """run_training's tracker factory: this recorder (in a Ray worker, a copy of it; one worker)."""
+        return self
 
 
 def loop_config(args, mode: str, reader: str):
@@ -413,27 +416,11 @@ def run_plain(args) -> dict:
 
     cfg, recorder = loop_config(args, "plain", "local"), PerfRecorder()
     start = time.perf_counter()
-    with recording(recorder):
-        loop.run_plain(cfg)
+    loop.run_plain(cfg, make_tracker=recorder.factory)
     wall = time.perf_counter() - start
     out = loop_figures(recorder.rows, args.warmup, args.batch)
     return {**out, "threads": torch.get_num_threads(), "wall_s": round(wall, 1),
             "outside_steps_s": round(wall - out["all_steps_s"], 1)}
-
-
-def ray_worker_fn(rows_path: str):
-    """Ray Train's per-worker function: the project's own, with the recorder as its tracker."""
-    from pipeline.loop import ray_train_worker
-
-    def worker(config: dict) -> None:
-        import torch
-
-        recorder = PerfRecorder()
-        with recording(recorder):
-            ray_train_worker(config)
-        Path(rows_path).write_text(json.dumps({"rows": recorder.rows, "threads": torch.get_num_threads()}))
-
-    return worker
 
 
 def run_ray1(args, reader: str = "ray") -> dict:
@@ -449,9 +436,7 @@ def run_ray1(args, reader: str = "ray") -> dict:
     DataContext.get_current().enable_progress_bars = False
     init_s = time.perf_counter() - start
     try:
-        with mock.patch.object(loop, "ray_train_worker", ray_worker_fn(rows_path)):
-            trainer = loop.ray_trainer(cfg)
-        result = trainer.fit()
+        result = loop.ray_trainer(cfg, make_tracker=PerfRecorder(rows_path).factory).fit()
     finally:
         ray.shutdown()
     wall = time.perf_counter() - start

@@ -65,11 +65,11 @@ def parse_args(argv=None):
 
 
 def version_metrics(uri: str, name: str, version: str) -> dict[str, float]:
-    from pipeline import tracking
+    from pipeline import registry, tracking
 
-    info = tracking.get_model_version_info(uri, name, version)
-    metrics = tracking.get_run_metrics(uri, info["run_id"]) if info["run_id"] else {}
-    return {**metrics, **tracking.get_model_version_metrics(uri, name, version)}
+    info = registry.get_model_version_info(uri, name, version)
+    metrics = tracking.run_metrics(uri, info["run_id"]) if info["run_id"] else {}
+    return {**metrics, **registry.get_model_version_metrics(uri, name, version)}
 
 
 def failures(criteria: list[dict], metrics: dict[str, float]) -> list[str]:
@@ -97,13 +97,13 @@ def tracking_uri(args) -> str:
 
 
 def main(argv=None) -> int:
-    from pipeline import tracking
+    from pipeline import registry
 
     args = parse_args(argv)
     uri = tracking_uri(args)
     try:
-        version = tracking.resolve_version(uri, args.name, args.version)
-    except tracking.ModelNotFound as e:
+        version = registry.resolve_version(uri, args.name, args.version)
+    except registry.ModelNotFound as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     metrics = version_metrics(uri, args.name, version)
@@ -117,11 +117,11 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(f"{args.name} version {version} passes {checked}; --dry-run: @{args.alias} unchanged")
         return 0
-    previous = tracking.model_alias_version(uri, args.name, args.alias)
-    tracking.set_alias(uri, args.name, args.alias, version)
+    previous = registry.model_alias_version(uri, args.name, args.alias)
+    registry.set_alias(uri, args.name, args.alias, version)
     record = {"alias": args.alias, "criteria": args.criteria, "values": checked, "previous": previous,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    tracking.set_model_version_tag(uri, args.name, version, PROMOTION_TAG, json.dumps(record))
+    registry.set_model_version_tag(uri, args.name, version, PROMOTION_TAG, json.dumps(record))
     print(f"promoted {args.name} version {version} to @{args.alias} (was {previous or 'unset'}): {checked}")
     return 0
 

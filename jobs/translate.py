@@ -183,7 +183,7 @@ def exit_status(record: dict, strict: bool) -> int:
 
 
 def main(argv=None) -> int:
-    from pipeline.tracking import ModelNotFound
+    from pipeline.registry import ModelNotFound
     from pipeline.translate import OutputError, RunOptions, Source, load_model, run
 
     args = parse_args(argv)

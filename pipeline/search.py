@@ -2,10 +2,10 @@
 PBT, one MLflow run per trial nested under the search's parent run.
 
 Trials with one worker (the default) run the training loop inside the trial's own Tune actor
-(`TuneSession`) and report complete checkpoints to Tune, so PBT's exploit copies the whole
-training state (nets, optimizers, schedules, pools, RNG, step) from the donor and the mutated
-hyperparameters apply on restore. Trials with several workers run a TorchTrainer inside the
-trial (Ray Train V2 takes no Trainer in a Tuner) and forward its reports to Tune; they support
+(`pipeline.session.TuneSession`) and report complete checkpoints to Tune, so PBT's exploit copies
+the whole training state (nets, optimizers, schedules, pools, RNG, step) from the donor and the
+mutated hyperparameters apply on restore. Trials with several workers run a TorchTrainer inside
+the trial (Ray Train V2 takes no Trainer in a Tuner) and forward its reports to Tune; they support
 ASHA, not PBT (their checkpoints live in Ray Train's storage, out of Tune's reach).
 
 Space syntax (CLI `--space key=spec`, or a JSON file {key: spec}):
@@ -15,7 +15,6 @@ Space syntax (CLI `--space key=spec`, or a JSON file {key: spec}):
 import dataclasses
 import json
 import os
-import shutil
 
 from pipeline.config import ConfigError
 from pipeline.run_config import RunConfig, from_json, override, to_json
@@ -122,43 +121,6 @@ def check_metric(metric: str) -> None:
 # ----------------------------------------------------------------------------- the trial
 
 
-class TuneSession:
-    """The training loop inside one Tune trial actor: rank 0 of 1, checkpoints reported to Tune."""
-
-    rank, world = 0, 1
-
-    def __init__(self, cfg: RunConfig):
-        import torch
-
-        self.cfg = cfg
-        self.device = torch.device("cuda" if cfg.scaling.use_gpu else "cpu")
-
-    def restore(self, load):
-        from ray import tune
-
-        from pipeline.loop import load_reported
-
-        return load_reported(tune.get_checkpoint(), load)
-
-    def checkpoint_dir(self, step: int) -> str:
-        from pipeline.checkpoint import staging_dir
-
-        return staging_dir()
-
-    def checkpoint_location(self, step: int) -> str:
-        from ray import tune
-
-        return f"{tune.get_context().get_trial_dir()} (Tune checkpoint at step {step})"
-
-    def report(self, metrics: dict, directory: str | None, step: int) -> None:
-        from ray import tune
-
-        checkpoint = tune.Checkpoint.from_directory(directory) if directory else None
-        tune.report(metrics, checkpoint=checkpoint)
-        if directory:
-            shutil.rmtree(directory, ignore_errors=True)
-
-
 def trial_config(base_json: str, params: dict, trial_id: str, trial_name: str) -> RunConfig:
     """The trial's RunConfig: the base with the sampled values, its own run name and storage."""
     cfg = override(from_json(base_json), {k: v for k, v in params.items()})
@@ -186,6 +148,7 @@ def run_trial(params: dict, base_json: str, search_name: str) -> None:
     from ray import tune
 
     from pipeline.loop import run_training
+    from pipeline.session import TuneSession
 
     context = tune.get_context()
     cfg = trial_config(base_json, params, context.get_trial_id(), context.get_trial_name())

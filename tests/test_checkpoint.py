@@ -14,7 +14,8 @@ from tiny import tiny_model
 from models.image_pool import ImagePool
 from pipeline import checkpoint as ckpt
 from pipeline import storage
-from pipeline.loop import lr_factor, run_plain
+from pipeline.loop import run_plain
+from pipeline.trainee import lr_factor
 
 
 def test_rng_state_round_trip_restores_every_generator():
@@ -111,7 +112,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, facades_small_dst, mod
 
 
 def test_prefetched_iterator_keeps_order_and_reraises_in_the_consumer():
-    from pipeline.loop import Prefetched
+    from pipeline.batches import Prefetched
 
     assert list(Prefetched(range, 5)) == [0, 1, 2, 3, 4]
     assert list(Prefetched(iter, [])) == []

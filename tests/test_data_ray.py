@@ -96,7 +96,8 @@ def test_training_stream_prefetches_the_next_epoch_without_changing_a_batch(ray_
     read ahead from mid-epoch) gives the local reader's batches in the same order."""
     from runs import tiny_run
 
-    from pipeline.loop import Progress, batch_stream
+    from pipeline.batches import batch_stream
+    from pipeline.trainee import Progress
 
     def stream(reader, start):
         cfg = tiny_run(tmp_path, facades_small_dst, steps=13, batch_size=4, reader=reader)

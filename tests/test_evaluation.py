@@ -315,7 +315,7 @@ def test_batch_norm_is_evaluated_per_image_and_modes_leave_the_statistics(facade
 
 
 def test_loop_logs_per_image_and_running_statistics_for_batch_norm_only(facades):
-    from pipeline.loop import evaluate
+    from pipeline.loop_eval import evaluate
 
     cfg = types.SimpleNamespace(eval=types.SimpleNamespace(train_mode_too=True))
     out = {}

@@ -1,12 +1,14 @@
-"""The training loops' bookkeeping: batches per step, look-ahead, loss averaging."""
+"""The training loop's bookkeeping: batches per step, look-ahead, loss averaging."""
 
 import dataclasses
 
 import pytest
-from tiny import tiny_batch, tiny_model
+from runs import checkpoint_dir, tiny_run
 
-from pipeline import loop
+from pipeline import batches, loop
+from pipeline import checkpoint as ckpt
 from pipeline.run_config import DataSettings, TrainSettings, make_config
+from pipeline.trainee import Progress
 
 
 def test_meter_averages_a_loss_over_the_steps_that_reported_it():
@@ -18,38 +20,34 @@ def test_meter_averages_a_loss_over_the_steps_that_reported_it():
     assert out["perf/step_time_s"] == 1.0 and out["perf/images_per_s"] == 2.0
 
 
-class Counted:
-    """An epoch-iterable of tiny batches that counts what was drawn from it."""
+@pytest.mark.parametrize("n_critic", [1, 2])
+def test_the_loop_draws_batches_per_step_fresh_batches(tmp_path, facades_small_dst, monkeypatch, n_critic):
+    drawn, read = [], batches.epoch_batches
 
-    def __init__(self, cfg, n):
-        self.batches, self.drawn = [tiny_batch(cfg, n=2, seed=i) for i in range(n)], 0
-
-    def __iter__(self):
-        for batch in self.batches:
-            self.drawn += 1
+    def counted(*args):
+        for batch in read(*args):
+            drawn.append(batch)
             yield batch
 
-
-@pytest.mark.parametrize("n_critic", [1, 2])
-def test_train_local_draws_batches_per_step_fresh_batches(n_critic):
-    spec, cfg, _, _ = tiny_model("dualgan", n_critic=n_critic)
-    data = Counted(cfg, 3)
-    _, _, state, history = loop.train_local(spec, cfg, data, steps=2)
-    assert data.drawn == 2 * n_critic and state["step"] == 2 and len(history) == 2
+    monkeypatch.setattr(batches, "epoch_batches", counted)
+    cfg = tiny_run(tmp_path, facades_small_dst, "dualgan", steps=2, every=0, n_critic=n_critic)
+    final = loop.run_plain(cfg, make_evaluator=lambda *args: None)  # no evaluation: no reads beside
+    meta = ckpt.read_meta(checkpoint_dir(cfg, 2))
+    assert len(drawn) == 2 * n_critic and final["step"] == 2 and meta["batch"] == 2 * n_critic
 
 
 def fake_stream(monkeypatch, per_epoch):
     """batch_stream over epochs of `per_epoch` numbered batches, recording the prefetched epochs."""
     prefetched = []
-    monkeypatch.setattr(loop, "batches_per_epoch", lambda cfg, world: per_epoch)
-    monkeypatch.setattr(loop, "epoch_batches",
+    monkeypatch.setattr(batches, "batches_per_epoch", lambda cfg, world: per_epoch)
+    monkeypatch.setattr(batches, "epoch_batches",
                         lambda cfg, world, rank, epoch, skip: iter(range(skip, per_epoch)))
 
     def prefetch(make, cfg, world, rank, epoch, skip):
         prefetched.append(epoch)
         return make(cfg, world, rank, epoch, skip)
 
-    monkeypatch.setattr(loop, "Prefetched", prefetch)
+    monkeypatch.setattr(batches, "Prefetched", prefetch)
     return prefetched
 
 
@@ -59,16 +57,16 @@ def test_look_ahead_counts_batches_per_step(monkeypatch, per_step, reads_next_ep
     only then is the next epoch read ahead."""
     prefetched = fake_stream(monkeypatch, per_epoch=4)
     cfg = make_config("dualgan", data=DataSettings(reader="ray"), train=TrainSettings(steps=3))
-    stream = loop.batch_stream(cfg, 1, 0, loop.Progress(), per_step)
+    stream = batches.batch_stream(cfg, 1, 0, Progress(), per_step)
     drawn = [next(stream) for _ in range(3 * per_step)]
     assert (prefetched == [1]) == reads_next_epoch
     assert [(e, i) for e, i, _ in drawn][-1] == ((1, 1) if per_step == 2 else (0, 2))
     # resumed after step 1 of 3 at two per step: 4 batches left, the 2 of this epoch and 2 more
     prefetched.clear()
-    resumed = loop.batch_stream(cfg, 1, 0, loop.Progress(step=1, epoch=0, batch=2), 2)
+    resumed = batches.batch_stream(cfg, 1, 0, Progress(step=1, epoch=0, batch=2), 2)
     assert [next(resumed)[:2] for _ in range(3)] == [(0, 2), (0, 3), (1, 0)] and prefetched == [1]
     done = dataclasses.replace(cfg, train=TrainSettings(steps=2))  # 4 batches: this epoch suffices
     prefetched.clear()
-    resumed = loop.batch_stream(done, 1, 0, loop.Progress(step=1, epoch=0, batch=2), 2)
+    resumed = batches.batch_stream(done, 1, 0, Progress(step=1, epoch=0, batch=2), 2)
     [next(resumed) for _ in range(2)]
     assert prefetched == []

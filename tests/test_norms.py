@@ -136,8 +136,8 @@ def test_warmup_has_the_papers_shape_at_its_key_points():
 
 
 def test_loop_warmup_is_on_by_default_as_fractions_of_the_run():
-    from pipeline.loop import renorm_at
     from pipeline.run_config import RenormSettings, make_config
+    from pipeline.trainee import renorm_at
 
     cfg = make_config("dualgan")
     steps = cfg.train.steps

@@ -8,6 +8,7 @@ thresholds sit far below what these steps reach and far above the floors (measur
 machine: see each test).
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,40 +16,62 @@ import sys
 
 import pytest
 
-from models import MODELS
-from pipeline.data import LocalReader, ReadSpec
 from pipeline.evaluation import EvalOptions, Evaluator
-from pipeline.loop import train_local
+from pipeline.loop import run_plain
+from pipeline.run_config import (
+    CheckpointSettings,
+    DataSettings,
+    EvalSettings,
+    StorageSettings,
+    TrainSettings,
+    make_config,
+    resolve_paths,
+)
 
 QUICK_JUDGES = {"epochs": 2}
 
 
+def quick_run(tmp_path, model: str, data: DataSettings, steps: int, batch_size: int, **model_settings):
+    """A run of the plain loop: no MLflow, one checkpoint at the end, evaluated only where a test says."""
+    cfg = make_config(model, recipe=f"quality-{model}", data=data,
+                      train=TrainSettings(steps=steps, batch_size=batch_size, log_every=100),
+                      eval=EvalSettings(every=0), checkpoint=CheckpointSettings(every=0, keep=1),
+                      storage=StorageSettings(path=str(tmp_path / "runs")), home=str(tmp_path / "home"))
+    return resolve_paths(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model_settings)))
+
+
+def only_on(split: str, **settings):
+    """An evaluator factory for the loop that evaluates `split` alone, with the quick judges."""
+    def make(cfg, spec, model_cfg, device, wanted):
+        if wanted != split:
+            return None
+        options = EvalOptions(cfg.data.path, classifier=QUICK_JUDGES, **settings)
+        return Evaluator(spec, model_cfg, options, split)
+
+    return make
+
+
 @pytest.mark.integration
-def test_cogan_pairs_agree_well_above_chance_on_real_digits(real_ingests):
+def test_cogan_pairs_agree_well_above_chance_on_real_digits(real_ingests, tmp_path):
     dst, _ = real_ingests["digits"]
-    spec = MODELS["cogan"]
-    cfg = spec.Config(ngf=32, ndf=32)  # 28 px, MNIST (a) and USPS (b)
-    reader = LocalReader(ReadSpec(dst, "train", 32, load_size=28, flip=False, seed=0))
-    nets, *_ = train_local(spec, cfg, reader, steps=600, seed=0)
-    evaluator = Evaluator(spec, cfg, EvalOptions(dst, size=28, classifier=QUICK_JUDGES, pairs=256), "val")
-    agreement = evaluator.metrics(nets)["eval/pair_agreement"]
+    data = DataSettings(path=dst, load_size=28, flip=False, reader="local")  # 28 px, MNIST (a), USPS (b)
+    cfg = quick_run(tmp_path, "cogan", data, steps=600, batch_size=32, ngf=32, ndf=32)
+    final = run_plain(cfg, make_evaluator=only_on("val", size=28, pairs=256))
+    agreement = final["eval/pair_agreement"]
     print("pair agreement", agreement)
-    assert agreement >= 0.35, agreement  # chance 0.10
+    assert final["step"] == 600 and agreement >= 0.35, agreement  # chance 0.10
 
 
 @pytest.mark.integration
-def test_cyclegan_keeps_mnist_m_digits_well_above_the_untranslated_floor(real_ingests):
+def test_cyclegan_keeps_mnist_m_digits_well_above_the_untranslated_floor(real_ingests, tmp_path):
     dst, _ = real_ingests["mnist2mnistm"]
-    spec = MODELS["cyclegan"]
-    cfg = spec.Config(channels_a=1, channels_b=3, lambda_identity=0.0, ngf=16, ndf=16, n_blocks=2)
-    reader = LocalReader(ReadSpec(dst, "train", 4, load_size=32, flip=False, seed=0))
-    nets, *_ = train_local(spec, cfg, reader, steps=400, seed=0)
-    options = EvalOptions(dst, size=32, max_images=300, label_domain="", classifier=QUICK_JUDGES)
-    evaluator = Evaluator(spec, cfg, options, "test")
-    floor = evaluator.baselines()["baseline/label_acc_ba"]
-    kept = evaluator.metrics(nets)["eval/label_acc_ba"]
+    data = DataSettings(path=dst, load_size=32, flip=False, reader="local")
+    cfg = quick_run(tmp_path, "cyclegan", data, steps=400, batch_size=4, channels_a=1, channels_b=3,
+                    lambda_identity=0.0, ngf=16, ndf=16, n_blocks=2)
+    final = run_plain(cfg, make_evaluator=only_on("test", size=32, max_images=300, label_domain=""))
+    floor, kept = final["baseline/label_acc_ba"], final["test/label_acc_ba"]
     print("label_acc_ba", kept, "floor", floor)
-    assert kept >= floor + 0.25, (kept, floor)
+    assert final["step"] == 400 and kept >= floor + 0.25, (kept, floor)
 
 
 BLOCKED = """

@@ -1,4 +1,5 @@
-"""pipeline.tracking against a real `mlflow server` (tests/mlflow_server.py) and the embedded store."""
+"""pipeline.tracking and pipeline.registry against a real `mlflow server` (tests/mlflow_server.py)
+and the embedded store."""
 
 import uuid
 from pathlib import Path
@@ -13,8 +14,9 @@ from safetensors.torch import save_file
 from tiny import tiny_model
 
 from models import MODELS
-from pipeline import tracking
+from pipeline import registry, session, tracking
 from pipeline.config import flatten, to_dict
+from pipeline.run_config import TrackingSettings, make_config
 
 pytestmark = pytest.mark.integration
 
@@ -37,8 +39,8 @@ def log_tiny(tracker, name="cyclegan", direction="ab", registered_name=None, met
     spec, cfg, nets, _ = tiny_model(name, **overrides)
     net_name = spec.generator_for[direction]
     x = torch.randn(2, cfg.nz) if name == "cogan" else torch.from_numpy(example(cfg))
-    info = tracker.log_generator(name, to_dict(cfg), direction, net_name, nets[net_name].state_dict(),
-                                 x.numpy(), registered_name, metrics)
+    spec_info = {"model": name, "config": to_dict(cfg), "direction": direction, "net": net_name}
+    info = tracker.log_generator(spec_info, nets[net_name].state_dict(), x.numpy(), registered_name, metrics)
     return info, cfg, nets[net_name].eval(), x
 
 
@@ -106,13 +108,13 @@ def test_tracker_logs_images_and_artifacts(mlflow_server, tmp_path):
 
 def test_log_generator_registers_a_pickle_free_model_that_loads_back(mlflow_server, monkeypatch):
     uri, name = mlflow_server.uri, unique("tiny-cyclegan")
-    tracker = tracking.Tracker(uri, new_run(uri))
+    tracker = registry.ModelTracker(uri, new_run(uri))
     info, _, net, x = log_tiny(tracker, registered_name=name, metrics={"eval/psnr_ab": 12.5})
     assert (info["name"], info["version"], info["model_uri"]) == (name, "1", f"models:/{name}/1")
     with torch.no_grad():
         expected = net(x)
 
-    loaded = tracking.load_generator(f"models:/{name}/1", uri)
+    loaded = registry.load_generator(f"models:/{name}/1", uri)
     assert (loaded.model_name, loaded.direction, loaded.net_name) == ("cyclegan", "ab", "G_ab")
     assert (loaded.version, loaded.run_id) == ("1", tracker.run_id)
     assert isinstance(loaded.config, MODELS["cyclegan"].Config) and loaded.config.ngf == 4
@@ -120,7 +122,7 @@ def test_log_generator_registers_a_pickle_free_model_that_loads_back(mlflow_serv
     for key, value in net.state_dict().items():
         assert torch.equal(loaded.net.state_dict()[key], value), key
     assert torch.equal(loaded(x), expected)
-    assert tracking.get_model_version_metrics(uri, name, 1) == {"eval/psnr_ab": 12.5}
+    assert registry.get_model_version_metrics(uri, name, 1) == {"eval/psnr_ab": 12.5}
 
     # the model holds source and data only: no pickle anywhere in it
     location = MlflowClient(uri).get_model_version_download_uri(name, "1")
@@ -138,21 +140,21 @@ def test_log_generator_registers_a_pickle_free_model_that_loads_back(mlflow_serv
     # a second version, then the alias moves to it
     second, _, net_ba, _ = log_tiny(tracker, direction="ba", registered_name=name)
     assert second["version"] == "2"
-    tracking.set_alias(uri, name, "champion", 1)
-    assert tracking.load_generator(f"models:/{name}@champion", uri).version == "1"
-    tracking.set_alias(uri, name, "champion", 2)
-    by_alias = tracking.load_generator(f"models:/{name}@champion", uri)
+    registry.set_alias(uri, name, "champion", 1)
+    assert registry.load_generator(f"models:/{name}@champion", uri).version == "1"
+    registry.set_alias(uri, name, "champion", 2)
+    by_alias = registry.load_generator(f"models:/{name}@champion", uri)
     assert (by_alias.version, by_alias.net_name) == ("2", "G_ba")
     assert torch.equal(by_alias(x), net_ba(x).detach())
-    assert tracking.load_generator(f"models:/{name}/latest", uri).version == "2"
-    assert tracking.load_generator(f"models:/{info['model_id']}", uri).net_name == "G_ab"
-    assert tracking.load_generator(f"runs:/{tracker.run_id}/generator_ab", uri).net_name == "G_ab"
+    assert registry.load_generator(f"models:/{name}/latest", uri).version == "2"
+    assert registry.load_generator(f"models:/{info['model_id']}", uri).net_name == "G_ab"
+    assert registry.load_generator(f"runs:/{tracker.run_id}/generator_ab", uri).net_name == "G_ab"
 
 
 def test_served_bicyclegan_and_cogan(mlflow_server, monkeypatch):
     uri = mlflow_server.uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    tracker = tracking.Tracker(uri, new_run(uri))
+    tracker = registry.ModelTracker(uri, new_run(uri))
 
     info, cfg, net, x = log_tiny(tracker, "bicyclegan")
     served = mlflow.pyfunc.load_model(info["model_uri"])
@@ -171,23 +173,27 @@ def test_served_bicyclegan_and_cogan(mlflow_server, monkeypatch):
 def test_generator_logged_before_the_rate_moved_loads(tmp_path):
     """A generator.json written by the code before optim.lr (its model config holds `lr`)."""
     old = Path(__file__).parent / "assets" / "old_config" / "generator.json"
-    (tmp_path / tracking.SPEC_FILE).write_text(old.read_text())
+    (tmp_path / registry.SPEC_FILE).write_text(old.read_text())
     spec, cfg, nets, _ = tiny_model("cyclegan")  # the same widths as the old file's
     save_file({k: v.contiguous() for k, v in nets["G_ab"].state_dict().items()},
-              str(tmp_path / tracking.WEIGHTS_FILE))
-    loaded = tracking.load_generator(str(tmp_path))
+              str(tmp_path / registry.WEIGHTS_FILE))
+    loaded = registry.load_generator(str(tmp_path))
     assert loaded.config == cfg and loaded(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
 
 
 def test_null_tracker_does_nothing():
-    null = tracking.tracker_for(1, "http://127.0.0.1:9", "no-such-run")  # nothing is contacted
-    assert isinstance(null, tracking.NullTracker)
-    public = [n for n in dir(tracking.Tracker) if not n.startswith("_")]
+    def tracker_for(rank, run_id):
+        return session.open_tracker(make_config("cyclegan", tracking=TrackingSettings(
+            uri="http://127.0.0.1:9", run_id=run_id)), rank)
+
+    null = tracker_for(1, "no-such-run")  # nothing is contacted
+    assert isinstance(null, session.NullTracker)
+    public = [n for n in dir(registry.ModelTracker) if not n.startswith("_")]
     for name in public:
         assert getattr(null, name)("anything", step=1) is None
     with pytest.raises(AttributeError):
         null.not_a_tracker_method  # noqa: B018
-    assert isinstance(tracking.tracker_for(0, None, None), tracking.NullTracker)  # tracking off
+    assert isinstance(tracker_for(0, ""), session.NullTracker)  # tracking off
 
 
 def test_embedded_default_store(tmp_path, monkeypatch):
@@ -202,7 +208,7 @@ def test_embedded_default_store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
 
     run_id = tracking.create_run(uri, "facades", "run", params={"model.ngf": 4}, tags={}, home=str(home))
-    tracker = tracking.Tracker(uri, run_id)
+    tracker = registry.ModelTracker(uri, run_id)
     tracker.log_metrics({"loss/G/total": 1.0}, step=0)
     tracker.log_image(torch.zeros(3, 4, 4), "samples/step00000_ab.png")
     _, _, net, x = log_tiny(tracker, registered_name="tiny")
@@ -211,8 +217,8 @@ def test_embedded_default_store(tmp_path, monkeypatch):
     assert MlflowClient(uri).get_experiment_by_name("facades").artifact_location == \
         tracking.default_artifact_location(str(home), "facades")
     assert list((home / "mlartifacts" / "facades").glob("*/artifacts/samples/step00000_ab.png"))
-    loaded = tracking.load_generator("models:/tiny/1", uri)
+    loaded = registry.load_generator("models:/tiny/1", uri)
     assert torch.equal(loaded(x), net(x).detach())
     model_dir = next((home / "mlartifacts" / "facades" / "models").glob("*/artifacts"))
-    assert torch.equal(tracking.load_generator(str(model_dir))(x), net(x).detach())  # a local dir
+    assert torch.equal(registry.load_generator(str(model_dir))(x), net(x).detach())  # a local dir
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]  # no ./mlruns, no ./mlflow.db

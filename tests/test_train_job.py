@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 
 from jobs import train as train_job
 from jobs.recipes import RECIPES
-from pipeline.tracking import load_generator
+from pipeline.registry import load_generator
 
 pytestmark = pytest.mark.integration
 

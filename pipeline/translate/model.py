@@ -94,13 +94,13 @@ def _from_checkpoint(folder: str, direction: str | None) -> ModelPayload:
 
 
 def _from_tracking(ref: str, tracking_uri: str | None) -> ModelPayload:
-    from pipeline import tracking
+    from pipeline import registry, tracking
 
-    tracking.check_model_uri(tracking_uri, ref)
-    generator = tracking.load_generator(ref, tracking_uri)
+    registry.check_model_uri(tracking_uri, ref)
+    generator = registry.load_generator(ref, tracking_uri)
     weights = {k: v.detach().cpu().contiguous() for k, v in generator.net.state_dict().items()}
     registered = ref.startswith("models:/") and generator.version is not None
-    name = tracking.split_model_uri(ref)[0] if registered else ref
+    name = registry.split_model_uri(ref)[0] if registered else ref
     key = f"models:/{name}/{generator.version}" if registered else weights_key(weights)
     params = tracking.get_run_params(tracking_uri, generator.run_id) if generator.run_id else {}
     size = int(params.get("data.crop_size") or 0) or int(params.get("data.load_size") or 0) or None

@@ -1,0 +1,103 @@
+"""The loop's evaluation and logging glue: the evaluator a run builds, metrics in the served mode
+(with gaps to the other modes), sample grids, and the final generators logged as models.
+Evaluation draws its own randomness in a forked RNG, so it never changes what training draws.
+"""
+
+import contextlib
+
+import torch
+
+
+@contextlib.contextmanager
+def kept_buffers(nets):
+    """Evaluating in train mode updates batch-norm running statistics: put them back after."""
+    saved = [(b, b.detach().clone()) for b in nets.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, copy in saved:
+                b.copy_(copy)
+
+
+def rng_fork(device):
+    """Evaluation draws random z and noise; a fork keeps the training RNG stream untouched, so a
+    resumed run (which evaluates at other moments) ends with the same weights."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def image_size(cfg) -> int | None:
+    return cfg.data.crop_size or cfg.data.load_size or None
+
+
+def build_evaluator(cfg, spec, model_cfg, device, split: str):
+    """The loop's default evaluator factory: the run's evaluation settings over `split`."""
+    from pipeline.evaluation import Evaluator
+
+    return Evaluator.from_config(cfg, split, device, spec, model_cfg)
+
+
+def evaluate(cfg, evaluator, nets, device, prefix: str) -> dict:
+    """Metrics in the mode a user is served (`evaluator.mode`: per_image for a batch-norm generator,
+    eval otherwise), renamed from eval/ to `prefix`/. A batch-norm generator also gets
+    `<prefix>_running_stats/` (eval mode: running statistics) and `<prefix>_running_stats_gap/`
+    (|per-image − running statistics|, seed 000). With eval.train_mode_too, `<prefix>_train_mode/`
+    (every layer in training mode over the eval batches) and `<prefix>_gap/`, its distance from
+    the eval-mode (running statistics) numbers."""
+    stem = prefix.rstrip("/")
+    with rng_fork(device):
+        metrics = evaluator.metrics(nets)
+        out = {prefix + k.removeprefix("eval/"): v for k, v in metrics.items()}
+        running = metrics
+        if evaluator.mode != "eval":
+            running = evaluator.metrics(nets, mode="eval")
+            out.update(with_gaps(running, metrics, f"{stem}_running_stats", f"{stem}_running_stats_gap"))
+        if cfg.eval.train_mode_too:
+            with kept_buffers(nets):
+                train = evaluator.metrics(nets, mode="train")
+            out.update(with_gaps(train, running, f"{stem}_train_mode", f"{stem}_gap"))
+    return out
+
+
+def with_gaps(metrics: dict, reference: dict, name: str, gap: str) -> dict:
+    """eval/x of `metrics` as `name`/x, and |reference − metrics| as `gap`/x where both have x."""
+    out = {}
+    for k, v in metrics.items():
+        out[f"{name}/{k.removeprefix('eval/')}"] = v
+        if k in reference:
+            out[f"{gap}/{k.removeprefix('eval/')}"] = abs(reference[k] - v)
+    return out
+
+
+def log_grids(cfg, evaluator, nets, device, tracker, step: int, tag: str = "samples") -> None:
+    with rng_fork(device):
+        grids = evaluator.grids(nets, n=cfg.eval.samples)
+    for direction, grid in grids.items():
+        tracker.log_image(grid, f"{tag}/step{step:07d}_{direction}.png")
+
+
+def input_example(cfg, spec, model_cfg, direction: str):
+    import numpy as np
+
+    if not spec.takes_input:  # a generator from z is served z
+        return np.zeros((1, spec.latent_size(model_cfg)), np.float32)
+    channels = getattr(model_cfg, "channels_a" if direction == "ab" else "channels_b")
+    size = image_size(cfg) or 256
+    return np.zeros((1, channels, size, size), np.float32)
+
+
+def register_generators(cfg, spec, model_cfg, nets, tracker, metrics: dict) -> None:
+    from pipeline.checkpoint import net_tensors
+    from pipeline.config import to_dict
+
+    if not cfg.tracking.log_models:
+        return
+    base = cfg.tracking.registered_name or cfg.recipe or cfg.model_name
+    for direction in spec.directions:
+        net_name = spec.generator_for[direction]
+        info = {"model": cfg.model_name, "config": to_dict(model_cfg), "direction": direction,
+                "net": net_name}
+        tracker.log_generator(
+            info, net_tensors(nets[net_name]), input_example(cfg, spec, model_cfg, direction),
+            registered_name=f"{base}-{direction}" if cfg.tracking.register else None, metrics=metrics,
+        )
