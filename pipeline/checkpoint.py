@@ -11,6 +11,7 @@ are named by rank. `.pt` files hold only tensors, numbers, strings and container
 `torch.load(weights_only=True)`, so a checkpoint cannot run code when loaded.
 """
 
+import dataclasses
 import json
 import os
 import random
@@ -101,19 +102,30 @@ def net_tensors(nets) -> dict:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in nets.state_dict().items()}
 
 
-def save(directory: str, *, rank: int, nets, optimizers: dict, schedulers: dict, state: dict,
-         progress: dict, config_json: str) -> str:
+@dataclasses.dataclass
+class Parts:
+    """What a checkpoint holds of a run: its nets, optimizers and LR schedulers (shared, written by
+    rank 0), this rank's training state (image pools, step) and the loop's progress as a dict."""
+
+    nets: torch.nn.Module
+    optimizers: dict
+    schedulers: dict
+    state: dict
+    progress: dict
+
+
+def save(directory: str, parts: Parts, *, rank: int, config_json: str) -> str:
     """Write this rank's part of a checkpoint into `directory` (rank 0 also writes the shared
     part). Files are written to temp names and renamed, so a crash leaves no half file."""
     os.makedirs(directory, exist_ok=True)
     _atomic(directory, rank_file(rank), lambda p: torch.save(
-        {"rng": rng_state(), "state": pack_state(state), "progress": progress}, p))
+        {"rng": rng_state(), "state": pack_state(parts.state), "progress": parts.progress}, p))
     if rank == 0:
-        _atomic(directory, NETS, lambda p: save_file(net_tensors(nets), p))
+        _atomic(directory, NETS, lambda p: save_file(net_tensors(parts.nets), p))
         _atomic(directory, TRAIN, lambda p: torch.save({
-            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-            "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-            "progress": progress,
+            "optimizers": {k: o.state_dict() for k, o in parts.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in parts.schedulers.items()},
+            "progress": parts.progress,
         }, p))
         storage.write_bytes(os.path.join(directory, CONFIG), config_json.encode())
     return directory

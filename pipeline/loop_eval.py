@@ -3,21 +3,8 @@
 Evaluation draws its own randomness in a forked RNG, so it never changes what training draws.
 """
 
-import contextlib
 
 import torch
-
-
-@contextlib.contextmanager
-def kept_buffers(nets):
-    """Evaluating in train mode updates batch-norm running statistics: put them back after."""
-    saved = [(b, b.detach().clone()) for b in nets.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, copy in saved:
-                b.copy_(copy)
 
 
 def rng_fork(device):
@@ -53,8 +40,7 @@ def evaluate(cfg, evaluator, nets, device, prefix: str) -> dict:
             running = evaluator.metrics(nets, mode="eval")
             out.update(with_gaps(running, metrics, f"{stem}_running_stats", f"{stem}_running_stats_gap"))
         if cfg.eval.train_mode_too:
-            with kept_buffers(nets):
-                train = evaluator.metrics(nets, mode="train")
+            train = evaluator.metrics(nets, mode="train")  # buffers put back by models.norms.inference
             out.update(with_gaps(train, running, f"{stem}_train_mode", f"{stem}_gap"))
     return out
 

@@ -120,9 +120,9 @@ def save_checkpoint(cfg, session, trainee: Trainee, tracker) -> str:
 
     step = trainee.progress.step
     directory = session.checkpoint_dir(step)
-    ckpt.save(directory, rank=session.rank, nets=trainee.nets, optimizers=trainee.optimizers,
-              schedulers=trainee.schedulers, state=trainee.state,
-              progress=dataclasses.asdict(trainee.progress), config_json=to_json(cfg))
+    parts = ckpt.Parts(trainee.nets, trainee.optimizers, trainee.schedulers, trainee.state,
+                       dataclasses.asdict(trainee.progress))
+    ckpt.save(directory, parts, rank=session.rank, config_json=to_json(cfg))
     barrier()
     if session.rank == 0:
         ckpt.write_meta(directory, {**dataclasses.asdict(trainee.progress), "run_id": cfg.tracking.run_id,

@@ -35,8 +35,8 @@ def test_save_and_load_restore_nets_optimizers_pools_and_rng(tmp_path):
     spec.train_step(cfg, nets, opts, batch, state)
     for s in scheds.values():
         s.step()
-    ckpt.save(str(tmp_path), rank=0, nets=nets, optimizers=opts, schedulers=scheds, state=state,
-              progress={"step": 1, "epoch": 0, "batch": 1}, config_json="{}")
+    parts = ckpt.Parts(nets, opts, scheds, state, {"step": 1, "epoch": 0, "batch": 1})
+    ckpt.save(str(tmp_path), parts, rank=0, config_json="{}")
     after = torch.rand(3)  # what the RNG gives right after the save
 
     _, _, nets2, opts2 = tiny_model("cyclegan")
@@ -56,8 +56,8 @@ def test_save_and_load_restore_nets_optimizers_pools_and_rng(tmp_path):
 
 def test_checkpoint_files_load_with_weights_only_and_no_temp_files(tmp_path):
     spec, cfg, nets, opts = tiny_model("dualgan", norm="batch_renorm")
-    ckpt.save(str(tmp_path), rank=0, nets=nets, optimizers=opts, schedulers={}, state={"step": 0},
-              progress={"step": 0, "epoch": 0, "batch": 0}, config_json="{}")
+    parts = ckpt.Parts(nets, opts, {}, {"step": 0}, {"step": 0, "epoch": 0, "batch": 0})
+    ckpt.save(str(tmp_path), parts, rank=0, config_json="{}")
     torch.load(tmp_path / "train.pt", weights_only=True)
     torch.load(tmp_path / "rank0.pt", weights_only=True)
     tensors = load_file(tmp_path / "nets.safetensors")
@@ -77,8 +77,8 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
 
 def test_wrong_config_is_a_clear_error(tmp_path):
     _, _, nets, opts = tiny_model("cyclegan")
-    ckpt.save(str(tmp_path), rank=0, nets=nets, optimizers=opts, schedulers={}, state={},
-              progress={"step": 0, "epoch": 0, "batch": 0}, config_json="{}")
+    parts = ckpt.Parts(nets, opts, {}, {}, {"step": 0, "epoch": 0, "batch": 0})
+    ckpt.save(str(tmp_path), parts, rank=0, config_json="{}")
     _, _, other, other_opts = tiny_model("cyclegan", n_blocks=2)
     with pytest.raises(ValueError, match="does not fit these nets"):
         ckpt.load(str(tmp_path), rank=0, nets=other, optimizers=other_opts, schedulers={})
