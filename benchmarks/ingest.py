@@ -1,6 +1,6 @@
 """Ingest and reader throughput on facades, beside a plain folder-of-JPEGs torch DataLoader.
 
-    python benchmarks/ingest.py [--src ../shared/datasets/facades] [--ray]
+    python -m benchmarks.ingest [--src ../shared/datasets/facades] [--ray]
 
 Prints:
 - ingest images/s, as stored (bytes kept) and with --load-size (resized and re-encoded once);

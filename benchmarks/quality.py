@@ -1,10 +1,10 @@
 """Quality for a time budget: train a recipe for M minutes and print its metrics beside their floors,
 ceilings and targets.
 
-    python benchmarks/quality.py --recipe cyclegan_mnist2mnistm-15min               # its own budget
-    python benchmarks/quality.py --recipe cogan_digits-15min --minutes 5 --set train.seed=1
-    python benchmarks/quality.py --all                      # every -15min recipe, one after another
-    python benchmarks/quality.py --recipe cyclegan_facades-15min --no-ray --device cuda   # GPU box
+    python -m benchmarks.quality --recipe cyclegan_mnist2mnistm-15min               # its own budget
+    python -m benchmarks.quality --recipe cogan_digits-15min --minutes 5 --set train.seed=1
+    python -m benchmarks.quality --all                      # every -15min recipe, one after another
+    python -m benchmarks.quality --recipe cyclegan_facades-15min --no-ray --device cuda   # GPU box
 
 With Ray (the default) it runs `jobs/train.py --recipe R --minutes M` as a user would (Ray Train,
 MLflow, registration) in a subprocess and times it from the command's start to its end. `--no-ray`
@@ -12,7 +12,8 @@ runs the plain loop in this process without MLflow (the GPU machine has torch bu
 MLflow: nothing here imports them unless asked for). The figures are the TEST split's metrics
 (`test/...`), their floors (`baseline/...`: the mean image, the most frequent class, untranslated
 inputs; chance for CoGAN's pair agreement) and ceilings (`ceiling/...`: the judge on real images).
-`--all` writes the table (markdown) to --table, README's 'Quality' section shows it.
+`--all` writes the table (markdown) to --table, README's 'Quality' section shows it. Run it with
+`-m` from the repository root: the GPU machine has a bare checkout, no install of the project.
 """
 
 import argparse
@@ -25,7 +26,6 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 # recipe family -> [(metric, floor, ceiling, target, "higher"|"lower")]; floor/ceiling are metric
 # names, tuples of names (their product), numbers, or None. The targets are issue 11's, for
@@ -102,6 +102,8 @@ def run_with_ray(recipe: str, minutes: float | None, overrides: list[str], home:
         command += ["--minutes", str(minutes)] if minutes else []
         command += ["--set", *overrides] if overrides else []
         env = {**os.environ, **({"TRANSMUTE_HOME": home} if home else {})}
+        # this checkout's code, as the benchmark's own, whether or not the project is installed
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
         start = time.time()
         done = subprocess.run(command, env=env)
         wall = time.time() - start
@@ -118,8 +120,8 @@ def run_plain(recipe: str, minutes: float | None, overrides: list[str], home: st
     """The plain loop in this process, no MLflow, no Ray: for machines without them (the GPU box)."""
     start = time.time()
     from jobs.recipes import recipe as load_recipe
-    from jobs.train import DATASETS
     from pipeline.data import ingest, read_manifest
+    from pipeline.launch import DATASETS
     from pipeline.loop import run_plain as plain_loop
     from pipeline.run_config import override, resolve_paths
 

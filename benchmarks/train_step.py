@@ -2,11 +2,11 @@
 
     # CPU (here: 2 cores; 128² by default, where one step takes 3 s quiet and far more when
     # others load the box, hence the few steps; --repeats 3 for medians of 3):
-    python benchmarks/train_step.py --device cpu
-    python benchmarks/train_step.py --device cpu --size 256 --steps 5 --warmup 2 --skip-ray
+    python -m benchmarks.train_step --device cpu
+    python -m benchmarks.train_step --device cpu --size 256 --steps 5 --warmup 2 --skip-ray
     # GPU (plain torch is enough with --skip-ray; plain needs pyarrow and the facades folder):
-    python benchmarks/train_step.py --device cuda --amp --channels-last --compile --skip-ray
-    python benchmarks/train_step.py --device cuda --amp --channels-last --compile --only ref,ours
+    python -m benchmarks.train_step --device cuda --amp --channels-last --compile --skip-ray
+    python -m benchmarks.train_step --device cuda --amp --channels-last --compile --only ref,ours
 
 Every measurement runs in its own subprocess (this script with --child, or the reference script)
 with the same environment, torch thread count (OMP_NUM_THREADS = --threads) and settings: batch,
@@ -56,8 +56,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # a bare checkout (GPU box) has no editable install
 
 DEFAULT_REF = REPO.parent / "shared" / "bench" / "ref_cyclegan_step.py"
 FACADES = REPO.parent / "shared" / "datasets" / "facades"
@@ -140,7 +138,9 @@ def measure(args, mode: str, data: str | None = None, workdir: str | None = None
     if mode == "ref":
         argv = [sys.executable, str(args.ref), *common_flags(args)]
     else:
-        argv = [sys.executable, __file__, "--child", mode, "--threads", str(args.threads)]
+        # -m from the repository root (run_json's cwd): a bare checkout (GPU box) has no install
+        argv = [sys.executable, "-m", "benchmarks.train_step", "--child", mode]
+        argv += ["--threads", str(args.threads)]
         argv += common_flags(args)
         argv += ["--data", data, "--workdir", workdir] if data else []
     start, load = time.perf_counter(), os.getloadavg()[0]

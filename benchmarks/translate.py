@@ -1,9 +1,9 @@
 """Batch translation throughput: our job against a plain one-image-at-a-time loop, same generator.
 
-    python benchmarks/translate.py                          # CPU: 64 px, default-width CycleGAN G
-    python benchmarks/translate.py --size 128 --images 64 --ray --actors 2
-    python benchmarks/translate.py --model models:/cyclegan_facades-quick-ab/1 --size 32
-    python benchmarks/translate.py --core --device cuda --size 256 --batch-size 64 128 256   # a GPU box
+    python -m benchmarks.translate                          # CPU: 64 px, default-width CycleGAN G
+    python -m benchmarks.translate --size 128 --images 64 --ray --actors 2
+    python -m benchmarks.translate --model models:/cyclegan_facades-quick-ab/1 --size 32
+    python -m benchmarks.translate --core --device cuda --size 256 --batch-size 64 128 256   # a GPU box
 
 Default mode, on CPU (prints images/s for each; both sides take turns, best of --repeats rounds,
 with --threads torch threads: default 1, so the figures are per core and survive shared machines):
@@ -24,21 +24,19 @@ The goal on one H100 is >= 1500 images/s at 256² for the default CycleGAN gener
 """
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+
+from models import MODELS
+from pipeline import translate
+from pipeline.config import from_dict, to_dict
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from models import MODELS  # noqa: E402
-from pipeline import translate  # noqa: E402
-from pipeline.config import from_dict, to_dict  # noqa: E402
 
 FACADES = ROOT / "tests" / "assets" / "facades_small"
 

@@ -18,16 +18,13 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
-
-from jobs import train as train_job  # noqa: E402
-from jobs.recipes import recipe  # noqa: E402
-from models import MODELS  # noqa: E402
-from pipeline import checkpoint as ckpt  # noqa: E402
-from pipeline.run_config import override, resolve_paths  # noqa: E402
+from jobs.recipes import recipe
+from models import MODELS
+from pipeline import checkpoint as ckpt
+from pipeline import launch
+from pipeline.run_config import override, resolve_paths
 
 NORMS = ("batch", "batch_renorm", "instance")
 
@@ -87,12 +84,12 @@ def table(results: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    from pipeline.tracking import Tracker, create_run, resolve_tracking_uri
+    from pipeline.tracking import Tracker, create_run
 
     args = parse_args(argv)
     base = resolve_paths(override(recipe(args.recipe), args.set))
-    manifest = train_job.ensure_dataset(base)
-    uri = resolve_tracking_uri(base.tracking.uri or None, base.home)
+    manifest = launch.ensure_dataset(base)
+    uri = launch.with_tracking_uri(base).tracking.uri
     stamp = time.strftime("%Y%m%d-%H%M%S")
     parent_id = create_run(uri, base.tracking.experiment, f"{args.recipe}-norm-study-{stamp}",
                            params={"norms": args.norms, "recipe": args.recipe,
@@ -104,9 +101,9 @@ def main(argv=None) -> int:
     try:
         for norm in args.norms.split(","):
             cfg = child_config(args, norm, parent_id, uri, stamp)
-            cfg = train_job.start_tracking(cfg, manifest)
+            cfg = launch.start_tracking(cfg, manifest)
             print(f"[{norm}] training {cfg.tracking.run_name}", flush=True)
-            results[norm] = train_job.train(cfg, args.no_ray, args.address)
+            results[norm] = launch.train(cfg, args.no_ray, args.address)
             configs[norm] = dataclasses.replace(cfg)
         for direction, image in figure(configs, args.images).items():
             parent.log_image(image, f"norm_study_{direction}.png")

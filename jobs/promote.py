@@ -19,10 +19,7 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from pipeline.run_config import DEFAULT_HOME  # noqa: E402
+from pipeline.run_config import DEFAULT_HOME
 
 PROMOTION_TAG = "transmute.promotion"
 

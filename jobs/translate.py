@@ -30,11 +30,9 @@ import os
 import shlex
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from pipeline import storage  # noqa: E402
-from pipeline.run_config import DEFAULT_HOME  # noqa: E402
+from pipeline import storage
+from pipeline.launch import init_ray
+from pipeline.run_config import DEFAULT_HOME
 
 
 def parse_args(argv=None):
@@ -143,20 +141,6 @@ def pick_device(args, use_ray: bool) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def init_ray(address: str | None, actors: int, cpus: float, progress: bool):
-    import ray
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = progress
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(actors * cpus + 1.999)), include_dashboard=False)
-
-
 def command(argv) -> str:
     return shlex.join(["python", "jobs/translate.py", *(sys.argv[1:] if argv is None else argv)])
 
@@ -193,7 +177,7 @@ def main(argv=None) -> int:
         check_args(args)
         payload = load_model(model_uri(args.model), tracking_uri(args), args.direction, args.size)
         if use_ray:
-            init_ray(args.address, args.actors, args.cpus_per_actor, args.progress)
+            init_ray(args.address, args.actors * args.cpus_per_actor + 1, progress=args.progress)
         device = pick_device(args, use_ray)
         job = build_job(args, payload, device)
         source = Source(_absolute(args.input) if args.input else None, tuple(args.split), args.s3_endpoint)

@@ -19,14 +19,11 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from jobs import train as train_job  # noqa: E402
-from jobs.recipes import RECIPES, recipe  # noqa: E402
-from pipeline import search, storage  # noqa: E402
-from pipeline.config import ConfigError  # noqa: E402
-from pipeline.run_config import RunConfig, override, resolve_paths, to_json  # noqa: E402
+from jobs.recipes import RECIPES, recipe
+from pipeline import search, storage
+from pipeline.config import ConfigError
+from pipeline.launch import ensure_dataset, init_ray, training_cpus, with_tracking_uri
+from pipeline.run_config import RunConfig, override, resolve_paths, to_json
 
 
 def add_arguments(p: argparse.ArgumentParser, defaults: dict) -> argparse.ArgumentParser:
@@ -225,7 +222,7 @@ def summarise(results, args, cfg: RunConfig, mode: str, out_dir: str, parent_id:
     params = {k: v for k, v in best.config.items()}
     best_json = search.best_run_config(to_json(cfg), params)
     best_path = os.path.join(out_dir, "best_config.json")
-    storage.write_bytes(best_path, best_json.encode())
+    storage.write_bytes(best_path, best_json.encode())  # makes out_dir, for the table beside it
     table = results.get_dataframe(filter_metric=args.metric, filter_mode=mode)
     keep = [
         c
@@ -262,15 +259,8 @@ def run(args) -> dict:
     dims = search.parse_space(args.space, cfg, args.space_file)
     search.check_metric(args.metric)
     mode = search.metric_mode(args.metric, args.mode)
-    manifest = train_job.ensure_dataset(cfg)
-    from pipeline.tracking import resolve_tracking_uri
-
-    cfg = dataclasses.replace(
-        cfg,
-        tracking=dataclasses.replace(
-            cfg.tracking, uri=resolve_tracking_uri(cfg.tracking.uri or None, cfg.home)
-        ),
-    )
+    manifest = ensure_dataset(cfg)
+    cfg = with_tracking_uri(cfg)
     name = search_name(args)
     storage_path = args.storage or os.path.join(cfg.home, "tune")
     parent_id = parent_run(cfg, args, name, dims, mode)
@@ -281,7 +271,7 @@ def run(args) -> dict:
         f"MLflow parent run {parent_id} at {cfg.tracking.uri}",
         flush=True,
     )
-    train_job.init_ray(args.address, cfg)
+    init_ray(args.address, training_cpus(cfg))
     results = make_tuner(args, cfg, dims, mode, name, storage_path).fit()
     if results.num_terminated + results.num_errors < len(results):  # Ctrl-C: Tune saved its state
         from pipeline.tracking import Tracker

@@ -13,13 +13,9 @@ reported but not optimised (pick another with --metric). Every flag of jobs/tune
 `--space` replaces the default space below.
 """
 
-import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from jobs import tune  # noqa: E402
+from jobs import tune
 
 DEFAULT_SPACE = [
     "renorm.rmax=uniform:1.5:5",

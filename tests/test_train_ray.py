@@ -12,8 +12,8 @@ import torch
 from runs import checkpoint_dir, tiny_run
 from safetensors.torch import load_file
 
-from jobs import train as train_job
 from models import MODELS
+from pipeline.launch import previous_run
 from pipeline.loop import ray_trainer, run_plain
 from pipeline.run_config import override
 
@@ -132,9 +132,9 @@ def test_data_and_checkpoints_on_s3(tmp_path, s3_env, facades_small_dst, ray_clu
     meta = json.loads(storage.read_bytes(f"{bucket}/runs/s3run/checkpoint_00000014/meta.json"))
     assert (meta["epoch"], meta["batch"]) == (1, 3)
     # `train.py --resume s3run` finds the run's newest checkpoint on S3; Ray continues from it
-    assert train_job.previous_run(cfg, "s3run")["step"] == 14
+    assert previous_run(cfg, "s3run")["step"] == 14
     result = ray_trainer(override(cfg, {"train.steps": 21})).fit()
     assert result.error is None and result.metrics["step"] == 21
     assert result.metrics["progress/resumed_from_step"] == 14
     with pytest.raises(SystemExit, match="no complete checkpoint under s3://train-on-s3/runs/nothere"):
-        train_job.previous_run(cfg, "nothere")
+        previous_run(cfg, "nothere")

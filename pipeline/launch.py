@@ -1,0 +1,185 @@
+"""Launching a run, shared by the jobs: name it (or find the run it resumes), make sure its dataset is
+ingested, start its MLflow run, start Ray, then train with or without Ray.
+
+jobs/train.py is these steps in order; jobs/tune.py and jobs/norm_study.py use the ones they need,
+jobs/translate.py only `init_ray`. Errors a user can fix (no dataset, nothing to resume) end the
+command with SystemExit and a message that says what to run.
+"""
+
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+import time
+
+from pipeline import storage
+from pipeline.run_config import RunConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (or --working-dir)
+DATASETS = os.environ.get("TRANSMUTE_DATASETS", os.path.join(os.path.dirname(ROOT), "shared", "datasets"))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def ensure_dataset(cfg: RunConfig) -> dict:
+    """The dataset's manifest; ingests the recipe's known source on first use."""
+    from pipeline.data import check_current, ingest, read_manifest
+
+    endpoint = cfg.storage.endpoint or None
+    try:
+        manifest = read_manifest(cfg.data.path, endpoint)
+    except FileNotFoundError:
+        manifest = None
+    if manifest is not None:
+        try:
+            check_current(manifest, storage.public_uri(cfg.data.path))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        return manifest
+    source = cfg.data.source or os.path.join(DATASETS, cfg.data.dataset)
+    if not storage.exists(source, endpoint):
+        command = f"python jobs/prepare_data.py SRC {cfg.data.path}"
+        raise SystemExit(
+            f"error: no dataset at {storage.public_uri(cfg.data.path)} and its source {source} is missing.\n"
+            f"Ingest the {cfg.data.dataset or 'data'} images first:\n  {command}\n"
+            f"(SRC: a folder or s3:// prefix of images; see README 'Preparing data'), or pass "
+            f"--set data.path=... for an ingested dataset, or data.source=... to ingest from."
+        )
+    print(f"ingesting {source} into {storage.public_uri(cfg.data.path)} (first use of this dataset)")
+    return ingest(source, cfg.data.path, endpoint=endpoint, progress=False)
+
+
+# ----------------------------------------------------------------------------- names, resume
+
+
+def run_name(cfg: RunConfig) -> str:
+    m = cfg.model
+    parts = [
+        cfg.recipe or cfg.model_name,
+        getattr(m, "norm", ""),
+        f"w{cfg.scaling.num_workers}",
+        time.strftime("%Y%m%d-%H%M%S"),
+    ]
+    return "-".join(p for p in parts if p)
+
+
+def previous_run(cfg: RunConfig, name: str) -> dict:
+    """run_id and progress of an earlier run, from its newest checkpoint's meta.json (local or s3://;
+    Ray Train then restores the same run folder from its own record of that checkpoint)."""
+    from pipeline.checkpoint import latest_meta
+
+    folder = storage.join(cfg.storage.path, name)
+    meta = latest_meta(folder, cfg.storage.endpoint or None)
+    if meta is None:
+        raise SystemExit(f"error: --resume {name}: no complete checkpoint under {folder}")
+    return meta
+
+
+def name_run(cfg: RunConfig, resume: str | None) -> RunConfig:
+    """The config with its run name: the resumed run's (and its MLflow run id), the configured
+    one, or a new one from the recipe, norm, workers and time."""
+    if resume:
+        meta = previous_run(cfg, resume)
+        return dataclasses.replace(
+            cfg, tracking=dataclasses.replace(cfg.tracking, run_name=resume, run_id=meta.get("run_id", ""))
+        )
+    return dataclasses.replace(
+        cfg, tracking=dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or run_name(cfg))
+    )
+
+
+# ----------------------------------------------------------------------------- tracking
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or os.environ.get("TRANSMUTE_GIT_COMMIT", "unknown")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("TRANSMUTE_GIT_COMMIT", "unknown")
+
+
+def with_tracking_uri(cfg: RunConfig) -> RunConfig:
+    """The config with its MLflow URI resolved (the configured one, $MLFLOW_TRACKING_URI, or the
+    sqlite store under home), so that Ray workers log to the store this process chose."""
+    from pipeline.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg.tracking.uri or None, cfg.home)
+    return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=uri))
+
+
+def start_tracking(cfg: RunConfig, manifest: dict) -> RunConfig:
+    """The config with a resolved MLflow URI and its run id: a new run tagged with its dataset,
+    commit and checkpoint folder, unless it resumes one."""
+    from pipeline.tracking import create_config_run
+
+    cfg = with_tracking_uri(cfg)
+    if cfg.tracking.run_id:
+        return cfg
+    tags = {
+        "model": cfg.model_name,
+        "recipe": cfg.recipe,
+        "dataset": cfg.data.dataset,
+        "dataset.content_hash": manifest.get("content_hash", ""),
+        "dataset.path": cfg.data.path,
+        "git.commit": git_commit(),
+        "storage.path": storage.join(cfg.storage.path, cfg.tracking.run_name),
+    }
+    run_id = create_config_run(cfg, tags)
+    return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, run_id=run_id))
+
+
+def mark_failed(cfg: RunConfig) -> None:
+    from pipeline.tracking import Tracker
+
+    try:
+        Tracker(cfg.tracking.uri, cfg.tracking.run_id).end("FAILED")
+    except Exception as e:  # the original error matters more than this one
+        print(f"warning: could not mark MLflow run {cfg.tracking.run_id} failed: {e}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- Ray, training
+
+
+def init_ray(address: str | None, cpus: float, progress: bool | None = None):
+    """Connect to the Ray at `address` (else $RAY_ADDRESS), or start a local one with at least
+    `cpus` logical CPUs (the job's workers or actors plus room for Ray Data's tasks beside them).
+    `progress` switches Ray Data's progress bars; None leaves Ray's default."""
+    import ray
+
+    if progress is not None:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = progress
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)), include_dashboard=False)
+    return ray
+
+
+def training_cpus(cfg: RunConfig) -> float:
+    """Logical CPUs a local Ray needs for this training: its workers and two for Ray Data's reads."""
+    return cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 2
+
+
+def train(cfg: RunConfig, no_ray: bool = False, address: str | None = None) -> dict:
+    """Run the training described by a resolved, named, tracked config; returns final metrics."""
+    if no_ray:
+        from pipeline.loop import run_plain
+
+        return run_plain(cfg)
+    from pipeline.loop import ray_trainer
+
+    init_ray(address, training_cpus(cfg))
+    result = ray_trainer(cfg).fit()
+    if result.error:
+        raise result.error
+    return result.metrics or {}
