@@ -9,18 +9,14 @@ images to demo_out/samples/ at each evaluation. Everything stays local.
 import argparse
 import dataclasses
 import os
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
-
-from pipeline.data import IngestOptions, ingest  # noqa: E402
-from pipeline.evaluation import save_png, to_rgb  # noqa: E402
-from pipeline.loop import run_plain  # noqa: E402
-from pipeline.run_config import (  # noqa: E402
+from pipeline.data import IngestOptions, ingest
+from pipeline.evaluation import save_png, to_rgb
+from pipeline.loop import run_plain
+from pipeline.run_config import (
     CheckpointSettings,
     DataSettings,
     EvalSettings,
@@ -30,7 +26,9 @@ from pipeline.run_config import (  # noqa: E402
     make_config,
     resolve_paths,
 )
-from pipeline.session import NullTracker  # noqa: E402
+from pipeline.session import NullTracker
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo: its sample and demo_out
 
 
 def parse_args():
