@@ -57,7 +57,7 @@ def with_gaps(metrics: dict, reference: dict, name: str, gap: str) -> dict:
 
 def log_grids(cfg, evaluator, nets, device, tracker, step: int, tag: str = "samples") -> None:
     with rng_fork(device):
-        grids = evaluator.grids(nets, n=cfg.eval.samples)
+        grids = evaluator.grids(nets, n=cfg.eval.grid_rows)
     for direction, grid in grids.items():
         tracker.log_image(grid, f"{tag}/step{step:07d}_{direction}.png")
 

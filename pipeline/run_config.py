@@ -95,7 +95,7 @@ class CheckpointSettings:
 class EvalSettings:
     every: int = 500  # steps between validation evaluations (0 = only at the end)
     max_images: int = 64
-    samples: int = 4  # rows of the logged sample grids
+    grid_rows: int = 4  # rows (images) of the logged sample grids
     label_domain: str = "b"  # domain holding label maps (photo→labels scores); "" = none
     num_classes: int = 0  # label palette size (facades 12, weizmann_horse 2)
     train_mode_too: bool = False  # also evaluate in train mode (seed 000's norm gap)
@@ -228,7 +228,7 @@ def flat_params(cfg: RunConfig) -> dict:
 
 # Keys that moved, old name -> new name. Files written before the move (checkpoints' config.json,
 # best_config.json, MLflow params) and `--set` with an old name are read into the new key.
-MOVED = {"model.lr": "optim.lr", "data.s3_endpoint": "storage.endpoint"}
+MOVED = {"model.lr": "optim.lr", "data.s3_endpoint": "storage.endpoint", "eval.samples": "eval.grid_rows"}
 _noted = set()  # old keys already noted in this process
 
 

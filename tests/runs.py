@@ -23,7 +23,7 @@ def tiny_run(tmp_path, data_path, model="cyclegan", name="run", steps=8, every=4
         model, recipe=f"test-{model}",
         data=DataSettings(path=data_path, load_size=36, crop_size=32, reader=reader),
         train=TrainSettings(steps=steps, batch_size=batch_size, log_every=2),
-        eval=EvalSettings(every=0, max_images=8, samples=2, label_domain=""),
+        eval=EvalSettings(every=0, max_images=8, grid_rows=2, label_domain=""),
         checkpoint=CheckpointSettings(every=every, keep=10),
         storage=StorageSettings(path=str(tmp_path / "runs")),
         tracking=TrackingSettings(run_name=name),

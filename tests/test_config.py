@@ -84,7 +84,9 @@ def test_old_files_load(monkeypatch, capsys):
     notes = capsys.readouterr().err.splitlines()
     assert notes == ["note: config key model.lr is now optim.lr; reading it as optim.lr",
                      "note: config key data.s3_endpoint is now storage.endpoint; "
-                     "reading it as storage.endpoint"]  # once each, though read three times
+                     "reading it as storage.endpoint",
+                     "note: config key eval.samples is now eval.grid_rows; "
+                     "reading it as eval.grid_rows"]  # once each, though read three times
 
 
 def test_old_keys_in_overrides_are_mapped():
@@ -92,6 +94,7 @@ def test_old_keys_in_overrides_are_mapped():
     assert cfg.storage.endpoint == "http://x:1" and cfg.optim.lr == 1e-3
     both = override(make_config("cyclegan"), ["data.s3_endpoint=http://old:1", "storage.endpoint=http://new:2"])
     assert both.storage.endpoint == "http://new:2"  # the new key wins
+    assert override(make_config("cyclegan"), ["eval.samples=2"]).eval.grid_rows == 2  # one meaning of samples
 
 
 def test_old_generator_config_loads():

@@ -134,8 +134,8 @@ def _ordered_map(fn, items: list, workers: int, window: int = 256) -> Iterator:
 class _ShardWriter:
     """Collects rows of one split/domain at a time and writes a shard when it is full."""
 
-    def __init__(self, dst: str, endpoint: str | None, shard_rows: int, shard_bytes: int):
-        self.dst, self.endpoint = dst, endpoint
+    def __init__(self, data_path: str, endpoint: str | None, shard_rows: int, shard_bytes: int):
+        self.data_path, self.endpoint = data_path, endpoint
         self.shard_rows, self.shard_bytes = shard_rows, shard_bytes
         self.rows, self.size, self.group, self.part = [], 0, None, 0
         self.shards = []
@@ -162,7 +162,7 @@ class _ShardWriter:
         digest = sha256(data)
         split, domain = self.group
         rel = f"{split}/{domain}/part-{self.part:05d}-{digest[:16]}.parquet"
-        storage.write_bytes(storage.join(self.dst, rel), data, self.endpoint)
+        storage.write_bytes(storage.join(self.data_path, rel), data, self.endpoint)
         self.shards.append(
             {
                 "path": rel,
@@ -178,7 +178,7 @@ class _ShardWriter:
 
 def ingest(
     src: str,
-    dst: str,
+    data_path: str,
     options: IngestOptions | None = None,
     endpoint: str | None = None,
     *,
@@ -197,19 +197,20 @@ def ingest(
             f"shard_rows and shard_bytes must be positive, got {opts.shard_rows}, {opts.shard_bytes}"
         )
     found = _find(src, opts, endpoint)
-    previous = _previous_shards(dst, endpoint)
-    written = _write(found, opts, _ShardWriter(dst, endpoint, opts.shard_rows, opts.shard_bytes), progress)
+    previous = _previous_shards(data_path, endpoint)
+    writer = _ShardWriter(data_path, endpoint, opts.shard_rows, opts.shard_bytes)
+    written = _write(found, opts, writer, progress)
     if not written.rows:
         rejected = written.rejected
         raise IngestError(
             f"no usable images in {storage.public_uri(src)}: {len(rejected)} rejected {rejected[:3]}"
         )
     if opts.strict and written.rejected:
-        _remove_unlisted(dst, previous, endpoint)
+        _remove_unlisted(data_path, previous, endpoint)
         raise StrictRejects(written.rejected)
-    manifest = _manifest(src, opts, found, written, command or _default_command(src, dst, opts))
-    storage.write_bytes(storage.join(dst, MANIFEST), json.dumps(manifest, indent=1).encode(), endpoint)
-    _remove_unlisted(dst, {s["path"] for s in written.shards}, endpoint)
+    manifest = _manifest(src, opts, found, written, command or _default_command(src, data_path, opts))
+    storage.write_bytes(storage.join(data_path, MANIFEST), json.dumps(manifest, indent=1).encode(), endpoint)
+    _remove_unlisted(data_path, {s["path"] for s in written.shards}, endpoint)
     log.info(
         "ingested %d rows %s, %d rejected, %d converted, content hash %s",
         manifest["rows"],
@@ -299,20 +300,20 @@ def _manifest(src: str, opts: IngestOptions, found: _Found, written: _Written, c
     }
 
 
-def _default_command(src: str, dst: str, opts: IngestOptions) -> str:
+def _default_command(src: str, data_path: str, opts: IngestOptions) -> str:
     """The call that repeats this ingest, recorded in the manifest."""
-    return f"pipeline.data.ingest({storage.public_uri(src)!r}, {storage.public_uri(dst)!r}, {opts!r})"
+    return f"pipeline.data.ingest({storage.public_uri(src)!r}, {storage.public_uri(data_path)!r}, {opts!r})"
 
 
-def _previous_shards(dst: str, endpoint: str | None) -> set[str]:
+def _previous_shards(data_path: str, endpoint: str | None) -> set[str]:
     try:
-        return {s["path"] for s in read_manifest(dst, endpoint)["shards"]}
+        return {s["path"] for s in read_manifest(data_path, endpoint)["shards"]}
     except FileNotFoundError:
         return set()
 
 
-def _remove_unlisted(dst: str, keep: set[str], endpoint: str | None) -> None:
+def _remove_unlisted(data_path: str, keep: set[str], endpoint: str | None) -> None:
     """Remove our shard and temp files that `keep` does not list (leftovers of earlier runs)."""
-    for rel in storage.list_files(dst, endpoint):
+    for rel in storage.list_files(data_path, endpoint):
         if (SHARD_NAME.match(rel) and rel not in keep) or TEMP_NAME.search(rel):
-            storage.remove(storage.join(dst, rel), endpoint)
+            storage.remove(storage.join(data_path, rel), endpoint)

@@ -30,7 +30,7 @@ class LocalReader:
 
     def __init__(self, spec: ReadSpec, *, epoch: int = 0, world_size: int = 1, rank: int = 0, skip: int = 0):
         self.spec = spec
-        self.manifest = read_manifest(spec.path, spec.endpoint)
+        self.manifest = read_manifest(spec.data_path, spec.endpoint)
         self.skip = skip
         self.counts = split_counts(self.manifest, spec.split)
         self.epoch, self.world_size, self.rank = epoch, world_size, rank
@@ -73,7 +73,7 @@ class LocalReader:
 def _read_table(manifest: dict, spec: ReadSpec, domain: str) -> dict:
     """{"image": list of bytes, "label": int64 array} of one split/domain, in index order."""
     tables = []
-    for uri in shard_uris(manifest, spec.path, spec.split, domain):
+    for uri in shard_uris(manifest, spec.data_path, spec.split, domain):
         fs, path = storage.arrow_filesystem(uri, spec.endpoint)
         tables.append(pq.read_table(path, filesystem=fs, columns=["index", "image", "label"]))
     table = pa.concat_tables(tables).sort_by("index")

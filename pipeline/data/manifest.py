@@ -53,13 +53,13 @@ def content_hash(pairs) -> str:
     return sha256("".join(lines).encode())
 
 
-def read_manifest(dst: str, endpoint: str | None = None) -> dict:
+def read_manifest(data_path: str, endpoint: str | None = None) -> dict:
     """The manifest of an ingested dataset; FileNotFoundError if DST holds none (or its ingest
     never finished)."""
-    uri = storage.join(dst, MANIFEST)
+    uri = storage.join(data_path, MANIFEST)
     if not storage.is_file(uri, endpoint):
         raise FileNotFoundError(
-            f"no {MANIFEST} in {storage.public_uri(dst)}: "
+            f"no {MANIFEST} in {storage.public_uri(data_path)}: "
             "not an ingested dataset, or its ingest did not finish"
         )
     manifest = json.loads(storage.read_bytes(uri, endpoint))
@@ -84,9 +84,9 @@ def split_counts(manifest: dict, split: str) -> dict[str, int]:
     return dict(sorted(manifest["counts"][split].items()))
 
 
-def shard_uris(manifest: dict, dst: str, split: str, domain: str) -> list[str]:
+def shard_uris(manifest: dict, data_path: str, split: str, domain: str) -> list[str]:
     return [
-        storage.join(dst, s["path"])
+        storage.join(data_path, s["path"])
         for s in manifest["shards"]
         if s["split"] == split and s["domain"] == domain
     ]

@@ -17,7 +17,7 @@ from pipeline.data.spec import ReadSpec
 
 
 def ray_dataset(
-    dst: str,
+    data_path: str,
     split: str,
     domain: str | None = None,
     columns: list[str] | None = None,
@@ -27,12 +27,12 @@ def ray_dataset(
     the manifest lists. For batch translation: map_batches over `image` with images.decode."""
     import ray.data
 
-    manifest = read_manifest(dst, endpoint)
+    manifest = read_manifest(data_path, endpoint)
     domains = [domain] if domain else list(split_counts(manifest, split))
-    uris = [u for d in domains for u in shard_uris(manifest, dst, split, d)]
+    uris = [u for d in domains for u in shard_uris(manifest, data_path, split, d)]
     if not uris:
-        raise KeyError(f"no shards for split {split!r} domain {domain!r} in {storage.public_uri(dst)}")
-    fs, _ = storage.arrow_filesystem(dst, endpoint)
+        raise KeyError(f"no shards for split {split!r} domain {domain!r} in {storage.public_uri(data_path)}")
+    fs, _ = storage.arrow_filesystem(data_path, endpoint)
     paths = [storage.arrow_filesystem(u, endpoint)[1] for u in uris]
     ds = ray.data.read_parquet(paths, filesystem=fs, partitioning=None, file_extensions=None)
     return ds.select_columns(columns) if columns else ds
@@ -50,7 +50,7 @@ def augmented_dataset(spec: ReadSpec, *, epoch: int = 0, world_size: int = 1, ra
     are known, so no sampling) -> decode and augment each position's rows with `Augment` (a and b
     of one position always share a block).
     """
-    manifest = read_manifest(spec.path, spec.endpoint)
+    manifest = read_manifest(spec.data_path, spec.endpoint)
     counts = split_counts(manifest, spec.split)
     augment = spec.augment(manifest, epoch)
     positions, plan = epoch_plan(counts, spec.seed, epoch, world_size, rank)
@@ -60,7 +60,7 @@ def augmented_dataset(spec: ReadSpec, *, epoch: int = 0, world_size: int = 1, ra
             raise ValueError(f"skip={skip} consumes the whole epoch of {skip} samples")
     labelled = [d for d in counts if d != "ab" and manifest["domains"][d]["labelled"]]
     columns = ["domain", "index", "image"] + (["label"] if labelled else [])
-    ds = ray_dataset(spec.path, spec.split, columns=columns, endpoint=spec.endpoint)
+    ds = ray_dataset(spec.data_path, spec.split, columns=columns, endpoint=spec.endpoint)
     _small_sort_settings(ds.context)
     ds = ds.map_batches(
         _select_rows, batch_format="pyarrow", fn_kwargs={"plan": plan, "positions": positions}
@@ -147,7 +147,7 @@ def ray_batches(
     """Torch batches of this Ray Train worker's shard for one epoch (call once per epoch).
 
     world_size / rank default to the Ray Train context, so inside train_loop_per_worker
-    `ray_batches(ReadSpec(dst, "train", 4, crop_size=256, seed=cfg.seed, drop_last=True), epoch=e)`
+    `ray_batches(ReadSpec(data_path, "train", 4, crop_size=256, seed=cfg.seed, drop_last=True), epoch=e)`
     is enough. Each worker reads its own deterministic shard instead of `get_dataset_shard`, whose
     split depends on timing; drop_last=True keeps the step count equal on all workers.
     """

@@ -7,7 +7,7 @@ from pipeline.data.augment import Augment
 
 @dataclass(frozen=True)
 class ReadSpec:
-    """One split of the dataset at `path`, in batches of `batch_size`, augmented.
+    """One split of the dataset at `data_path`, in batches of `batch_size`, augmented.
 
     load_size None uses the stored size (the ingest's --load-size if any); crop_size None keeps the
     whole (resized) image; flip=False and crop_size=None give un-augmented images for evaluation.
@@ -17,7 +17,7 @@ class ReadSpec:
     `augmented_dataset` yields samples, not batches, so it ignores batch_size and drop_last.
     """
 
-    path: str
+    data_path: str
     split: str
     batch_size: int = 1
     load_size: int | None = None
