@@ -34,7 +34,6 @@ from PIL import Image
 
 from models import MODELS
 from pipeline import translate
-from pipeline.config import from_dict, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,17 +61,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def default_payload(size: int) -> translate.ModelPayload:
+def default_payload(size: int) -> tuple[translate.GeneratorArtifact, translate.ModelInfo]:
     """CycleGAN's G_ab with the paper's widths (ngf 64, 9 residual blocks), random weights."""
     spec = MODELS["cyclegan"]
     cfg = spec.Config()
     torch.manual_seed(0)
-    weights = spec.build_nets(cfg)["G_ab"].state_dict()
-    info = translate.ModelInfo("cyclegan-default", None, None, "random", translate.weights_key(weights))
-    return translate.ModelPayload("cyclegan", to_dict(cfg), "ab", "G_ab", weights, info, size)
+    net = spec.build_nets(cfg)["G_ab"]
+    generator = translate.GeneratorArtifact.from_net("cyclegan", cfg, "ab", net, size, False)
+    key = translate.weights_key(generator.weights)
+    return generator, translate.ModelInfo("cyclegan-default", None, None, "random", key)
 
 
-def load_payload(args) -> translate.ModelPayload:
+def load_payload(args) -> tuple[translate.GeneratorArtifact, translate.ModelInfo]:
     if args.model:
         return translate.load_model(args.model, args.tracking_uri, size=args.size)
     return default_payload(args.size or 64)
@@ -113,11 +113,8 @@ def best_rates(fns: dict, count: int, repeats: int) -> dict:
 
 def plain_loop(payload, paths: list[Path], out: Path) -> None:
     """One image at a time, as a reference test.py does it."""
-    spec = MODELS[payload.model_name]
-    cfg = from_dict(spec.Config, payload.config)
-    net = spec.build_nets(cfg)[payload.net_name]
-    net.load_state_dict(payload.weights)
-    net.eval()
+    payload = payload[0]
+    spec, cfg, net = payload.spec, payload.config, payload.build()
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         for path in paths:
@@ -132,19 +129,20 @@ def our_job(payload, inputs: Path, out: Path, batch_size: int, use_ray: bool, ac
             io_workers: int) -> dict:
     """One fresh run into a new folder under `out` (removing old outputs is not part of a run)."""
     out.mkdir(parents=True, exist_ok=True)
-    job = translate.Job(payload, tempfile.mkdtemp(dir=out), batch_size=batch_size, io_workers=io_workers)
+    job = translate.Job(*payload, tempfile.mkdtemp(dir=out), batch_size=batch_size, io_workers=io_workers)
     options = translate.RunOptions(use_ray=use_ray, actors=actors, progress=False, commit_every_s=1.0)
     return translate.run(job, translate.Source(str(inputs)), options)
 
 
 def compare(args) -> None:
     payload = load_payload(args)
-    size = payload.size
+    generator, info = payload
+    size = generator.size
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp, "in")
         paths = make_inputs(inputs, args.images, size)
-        print(f"{args.images} images {size}x{size}, {payload.model_name} {payload.info.name}, "
+        print(f"{args.images} images {size}x{size}, {generator.model_name} {info.name}, "
               f"{torch.get_num_threads()} torch threads, CPU")
         sides = {"plain": lambda: plain_loop(payload, paths, Path(tmp, "plain"))}
         for batch in args.batch_size:
@@ -183,12 +181,13 @@ def ray_side(args, payload, paths: list[Path], inputs: Path, tmp: Path) -> None:
 
 def core(args) -> None:
     payload = load_payload(args)
-    translator = translate.Translator(payload, args.device)
+    generator, info = payload
+    translator = translate.Translator(generator, args.device)
     if args.compile:
-        translator.net = translator.nets[payload.net_name] = torch.compile(translator.net)
-    size = payload.size
+        translator.net = translator.nets[generator.net_name] = torch.compile(translator.net)
+    size = generator.size
     print(f"core on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}), "
-          f"{payload.model_name} {payload.info.name}, {size}x{size}, bf16={translator.autocast}")
+          f"{generator.model_name} {info.name}, {size}x{size}, bf16={translator.autocast}")
     rng = np.random.default_rng(0)
     for batch in args.batch_size:
         pixels = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(batch)]
@@ -205,10 +204,10 @@ def core(args) -> None:
 
 def io_rate(args, payload, batch: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_inputs(Path(tmp, "in"), batch, payload.size)
+        paths = make_inputs(Path(tmp, "in"), batch, payload[0].size)
         rows = [{"id": p.name, "sha256": p.stem, "image": p.read_bytes()} for p in paths]
         tasks = {r["id"]: translate.Task(r["id"], r["sha256"], Path(r["id"]).stem, [0]) for r in rows}
-        job = translate.Job(payload, str(Path(tmp, "out")), batch_size=batch, device=args.device,
+        job = translate.Job(*payload, str(Path(tmp, "out")), batch_size=batch, device=args.device,
                             io_workers=args.io_workers)
         worker = translate.BatchTranslator(translate.Work(job, tasks=tasks))
         worker.process(rows)  # warm-up

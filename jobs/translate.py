@@ -82,15 +82,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def model_uri(ref: str) -> str:
-    """A local path as it is; `NAME`, `NAME/VERSION`, `NAME@ALIAS` as models:/ URIs."""
-    if "://" in ref or ref.startswith(("models:/", "runs:/")) or os.path.exists(ref):
-        return ref
-    if "@" in ref or "/" in ref:
-        return "models:/" + ref
-    return f"models:/{ref}/latest"
-
-
 def tracking_uri(args) -> str:
     from pipeline.tracking import resolve_tracking_uri
 
@@ -107,20 +98,20 @@ def check_args(args) -> None:
         raise ValueError("--batch-size and --actors must be >= 1")
 
 
-def build_job(args, payload, device: str):
+def build_job(args, generator, info, device: str):
     from models import MODELS
     from pipeline.translate import Job, Settings
 
-    generates_pairs = MODELS[payload.model_name].generates_pairs
+    generates_pairs = MODELS[generator.model_name].generates_pairs
     if generates_pairs and not args.pairs:
-        raise ValueError(f"{args.model} is a {payload.model_name}: it generates pairs from z; "
+        raise ValueError(f"{args.model} is a {generator.model_name}: it generates pairs from z; "
                          "pass --pairs N instead of --input")
     if args.pairs and not generates_pairs:
         raise ValueError(f"--pairs is for models that generate pairs from z (CoGAN); {args.model} is a "
-                         f"{payload.model_name}")
+                         f"{generator.model_name}")
     settings = Settings(args.format, args.bn_mode, args.z_mode, args.seed, args.keep_size, args.dropout)
     io_workers = args.io_workers or (8 if device == "cuda" else 4)
-    return Job(payload, _absolute(args.output), settings, args.samples, batch_size=args.batch_size,
+    return Job(generator, info, _absolute(args.output), settings, args.samples, batch_size=args.batch_size,
                device=device, bf16=args.bf16, io_workers=io_workers, endpoint=args.s3_endpoint)
 
 
@@ -175,14 +166,14 @@ def main(argv=None) -> int:
     use_ray = not args.no_ray
     try:
         check_args(args)
-        payload = load_model(model_uri(args.model), tracking_uri(args), args.direction, args.size)
+        generator, info = load_model(args.model, tracking_uri(args), args.direction, args.size)
         if use_ray:
             init_ray(args.address, args.actors * args.cpus_per_actor + 1, progress=args.progress)
         device = pick_device(args, use_ray)
-        job = build_job(args, payload, device)
+        job = build_job(args, generator, info, device)
         source = Source(_absolute(args.input) if args.input else None, tuple(args.split), args.s3_endpoint)
-        print(f"model {payload.info.name} version {payload.info.version} ({payload.model_name}, "
-              f"{payload.direction}, {payload.size}px) on {device}{'' if use_ray else ', without Ray'}")
+        print(f"model {info.name} version {info.version} ({generator.model_name}, "
+              f"{generator.direction}, {generator.size}px) on {device}{'' if use_ray else ', without Ray'}")
         gpus = args.gpus_per_actor if device == "cuda" else 0.0
         options = RunOptions(pairs=args.pairs, overwrite=args.overwrite, use_ray=use_ray, actors=args.actors,
                              cpus_per_actor=args.cpus_per_actor, gpus_per_actor=gpus, progress=args.progress,

@@ -214,3 +214,34 @@ def prune_local(root: str, keep: int) -> None:
 
 def staging_dir(prefix="transmute-ckpt-") -> str:
     return tempfile.mkdtemp(prefix=prefix)
+
+
+# ----------------------------------------------------------------------------- its generator
+
+
+def read_meta_if_any(directory: str) -> dict:
+    return read_meta(directory) if os.path.exists(os.path.join(directory, META)) else {}
+
+
+def export_generator(directory: str, direction: str | None = None, folder: str | None = None):
+    """The generator serving `direction` (default the model's first) as a GeneratorArtifact with
+    the training image size and swap_ab from the checkpoint's config.json, written to `folder` when
+    given; returns (artifact, the run's name)."""
+    from models import MODELS
+    from pipeline.generator_artifact import GeneratorArtifact
+    from pipeline.run_config import from_json
+
+    cfg = from_json(read_config_json(directory))
+    spec = MODELS[cfg.model_name]
+    direction = direction or spec.directions[0]
+    if direction not in spec.directions:
+        raise ValueError(f"checkpoint {directory} ({cfg.model_name}) has directions {spec.directions}, "
+                         f"not {direction!r}")
+    nets = spec.build_nets(cfg.model)
+    load_nets(directory, nets)
+    size = cfg.data.crop_size or cfg.data.load_size or None
+    artifact = GeneratorArtifact.from_net(cfg.model_name, cfg.model, direction,
+                                          nets[spec.generator_for[direction]], size, cfg.data.swap_ab)
+    if folder:
+        artifact.export(folder)
+    return artifact, cfg.tracking.run_name

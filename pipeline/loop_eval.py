@@ -73,17 +73,16 @@ def input_example(cfg, spec, model_cfg, direction: str):
 
 
 def register_generators(cfg, spec, model_cfg, nets, tracker, metrics: dict) -> None:
-    from pipeline.checkpoint import net_tensors
-    from pipeline.config import to_dict
+    from pipeline.generator_artifact import GeneratorArtifact
 
     if not cfg.tracking.log_models:
         return
     base = cfg.tracking.registered_name or cfg.recipe or cfg.model_name
     for direction in spec.directions:
-        net_name = spec.generator_for[direction]
-        info = {"model": cfg.model_name, "config": to_dict(model_cfg), "direction": direction,
-                "net": net_name}
+        artifact = GeneratorArtifact.from_net(cfg.model_name, model_cfg, direction,
+                                              nets[spec.generator_for[direction]], image_size(cfg),
+                                              cfg.data.swap_ab)
         tracker.log_generator(
-            info, net_tensors(nets[net_name]), input_example(cfg, spec, model_cfg, direction),
+            artifact, input_example(cfg, spec, model_cfg, direction),
             registered_name=f"{base}-{direction}" if cfg.tracking.register else None, metrics=metrics,
         )

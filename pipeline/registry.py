@@ -1,9 +1,11 @@
-"""Generators as MLflow models, and the model registry: logging, registering, loading, looking up.
+"""Generators as MLflow models, and the model registry: logging, registering, locating, loading.
 
 A generator is logged as a pyfunc model "from code" (`ModelTracker.log_generator`): the model holds
-the source of `served_generator.py`, the `models` package, a JSON spec and a safetensors file, so
-loading it never unpickles anything. `load_generator` rebuilds the net from the same two artifacts
-without pyfunc, for the batch translation job. Runs and metrics are `pipeline.tracking`'s.
+the source of `served_model.py` (the entry MLflow runs), `served_generator.py`,
+`generator_artifact.py` and the `models` package, and the generator's artifact (generator.json and
+generator.safetensors, `pipeline.generator_artifact`), so loading it never unpickles anything.
+`load_generator` reads the same artifact without pyfunc, for the batch translation job. Runs and
+metrics are `pipeline.tracking`'s.
 """
 
 import os
@@ -11,11 +13,9 @@ import os
 # Before mlflow is first imported (see pipeline.tracking): no telemetry unless a user opts in.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
@@ -26,43 +26,42 @@ from mlflow.entities import LoggedModelOutput
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
-from safetensors.torch import load_file, save_file
 
 import models
-from models import MODELS
-from pipeline import served_generator
+from pipeline import generator_artifact, served_generator
 from pipeline.config import flatten
-from pipeline.run_config import model_config
-from pipeline.tracking import MAX_PARAM_LENGTH, MAX_TAG_LENGTH, Tracker, clip
+from pipeline.generator_artifact import CONFIG_FILE, WEIGHTS_FILE, GeneratorArtifact
+from pipeline.model_ref import ModelRef, parse_model_ref
+from pipeline.tracking import MAX_PARAM_LENGTH, MAX_TAG_LENGTH, Tracker, clip, get_run_params
 
-SPEC_FILE = "generator.json"
-WEIGHTS_FILE = "generator.safetensors"
+SPEC_FILE = CONFIG_FILE  # the name tests and older callers use
 MODEL_ID_TAG = "transmute.model_id"  # on a model version: the logged model it registers
-SERVED_CODE = Path(served_generator.__file__)
-MODELS_CODE = Path(models.__file__).parent
+SERVED_ENTRY = Path(__file__).with_name("served_model.py")  # MLflow runs it: set_model(...)
+SERVED_CODE = [Path(served_generator.__file__), Path(generator_artifact.__file__),
+               Path(models.__file__).parent]
 
 
 class ModelTracker(Tracker):
     """A run's tracker that also logs its generators as models (and registers them)."""
 
-    def log_generator(self, info: dict, state_dict: dict[str, torch.Tensor], input_example: np.ndarray,
+    def log_generator(self, artifact: GeneratorArtifact, input_example: np.ndarray,
                       registered_name: str | None = None, metrics: dict | None = None,
                       step: int = 0) -> dict:
         """Log one generator as a pyfunc model (from code, no pickles); register it if named.
 
-        `info` is its spec: {"model", "config" (the model's config as a dict), "direction",
-        "net"}. `input_example` is float32 N×C×H×W in [-1, 1] (CoGAN: z, N×nz). `metrics` (e.g.
-        eval scores) are logged at `step` and linked to the model. Returns model_uri, model_id,
-        name and version (the last two None when not registered)."""
-        model_name, model_config = info["model"], info["config"]
+        `input_example` is float32 N×C×H×W in [-1, 1] (CoGAN: z, N×nz). `metrics` (e.g. eval
+        scores) are logged at `step` and linked to the model. Returns model_uri, model_id, name and
+        version (the last two None when not registered)."""
         example = np.ascontiguousarray(input_example[:1], dtype=np.float32)  # one row keeps the JSON small
+        spec = artifact.to_json()
         logged = self.client.create_logged_model(
-            self.experiment_id, name=f"generator_{info['direction']}", source_run_id=self.run_id,
-            params={k: clip(v, MAX_PARAM_LENGTH) for k, v in flatten(model_config).items()},
-            tags={"transmute.model": model_name, "transmute.net": info["net"]}, model_type="generator")
+            self.experiment_id, name=f"generator_{artifact.direction}", source_run_id=self.run_id,
+            params={k: clip(v, MAX_PARAM_LENGTH) for k, v in flatten(spec["config"]).items()},
+            tags={"transmute.model": artifact.model_name, "transmute.net": artifact.net_name},
+            model_type="generator")
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                model_dir = _save_pyfunc(tmp, logged, self.run_id, info, state_dict, example)
+                model_dir = _save_pyfunc(tmp, logged, self.run_id, artifact, example)
                 self.client.log_model_artifacts(logged.model_id, model_dir)
         except BaseException:
             self.client.finalize_logged_model(logged.model_id, "FAILED")
@@ -80,19 +79,16 @@ class ModelTracker(Tracker):
         return result
 
 
-def _save_pyfunc(tmp: str, logged, run_id: str, info: dict, state_dict: dict, example: np.ndarray) -> str:
+def _save_pyfunc(tmp: str, logged, run_id: str, artifact: GeneratorArtifact, example: np.ndarray) -> str:
     """Write the pyfunc model directory for `logged` (a LoggedModel) and return its path."""
-    spec_path, weights_path = os.path.join(tmp, SPEC_FILE), os.path.join(tmp, WEIGHTS_FILE)
-    Path(spec_path).write_text(json.dumps(info, indent=2, sort_keys=True))
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, weights_path)
-    generator = _build(info, weights_path, "cpu")
+    folder = artifact.export(os.path.join(tmp, "generator"))
     model_dir = os.path.join(tmp, "model")
     mlflow.pyfunc.save_model(
         model_dir,
-        python_model=str(SERVED_CODE),  # a path, so MLflow stores source instead of a pickle
-        artifacts={"spec": spec_path, "weights": weights_path},
-        code_paths=[str(MODELS_CODE)],
-        signature=_signature(generator, example),
+        python_model=str(SERVED_ENTRY),  # a path, so MLflow stores source instead of a pickle
+        artifacts={"spec": os.path.join(folder, CONFIG_FILE), "weights": os.path.join(folder, WEIGHTS_FILE)},
+        code_paths=[str(p) for p in SERVED_CODE],
+        signature=_signature(artifact, example),
         input_example=example,
         pip_requirements=_requirements(),  # given, so MLflow skips its slow inference subprocess
         mlflow_model=Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id,
@@ -101,12 +97,12 @@ def _save_pyfunc(tmp: str, logged, run_id: str, info: dict, state_dict: dict, ex
     return model_dir
 
 
-def _signature(generator: "LoadedGenerator", example: np.ndarray) -> ModelSignature:
+def _signature(artifact: GeneratorArtifact, example: np.ndarray) -> ModelSignature:
     """Batch and spatial dims free (-1): the generators are convolutional, so a 32×32 example
     must not lock the served model to 32×32 inputs; channels stay fixed."""
-    out = generator(torch.from_numpy(example)).numpy()
+    out = served_generator.generate(artifact, artifact.build(), torch.from_numpy(example)).numpy()
     free = lambda shape: (-1, shape[1], *[-1] * (len(shape) - 2))  # noqa: E731
-    seeded = generator.spec.multimodal  # params={"z_seed": n} draws a random z
+    seeded = artifact.spec.multimodal  # params={"z_seed": n} draws a random z
     params = ParamSchema([ParamSpec("z_seed", "long", None)]) if seeded else None
     return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), free(example.shape))]),
                           outputs=Schema([TensorSpec(np.dtype(np.float32), free(out.shape))]),
@@ -134,80 +130,77 @@ def register(client: MlflowClient, name: str, logged, run_id: str | None = None)
     return str(version.version)
 
 
-@dataclass
-class LoadedGenerator:
-    """One generator rebuilt from its artifacts; calling it gives what the pyfunc model serves."""
+# ----------------------------------------------------------------------------- locating and loading
 
-    model_name: str
-    config: Any  # the model's Config dataclass
-    direction: str
-    net_name: str
-    net: torch.nn.Module  # in eval mode
+
+@dataclass(frozen=True)
+class Located:
+    """What a reference points at: where its files are, and (registered) which version of what run."""
+
+    ref: ModelRef
+    location: str  # artifact URI to download, or the local folder
     version: str | None = None
     run_id: str | None = None
 
-    @property
-    def spec(self):
-        return MODELS[self.model_name]
 
-    def __call__(self, x: torch.Tensor, z_seed: int | None = None) -> torch.Tensor:
-        info = {"model": self.model_name, "direction": self.direction, "net": self.net_name}
-        return served_generator.generate(self.spec, self.config, info, self.net, x, z_seed)
-
-
-def _build(info: dict, weights_path: str, device) -> LoadedGenerator:
-    spec = MODELS[info["model"]]
-    cfg = model_config(info["model"], info["config"])
-    net = spec.build_nets(cfg)[info["net"]]
-    net.load_state_dict(load_file(weights_path))  # safetensors: tensors only, never pickles
-    return LoadedGenerator(info["model"], cfg, info["direction"], info["net"], net.to(device).eval())
-
-
-def load_generator(uri: str, tracking_uri: str | None = None, device="cpu") -> LoadedGenerator:
-    """Rebuild a generator from `models:/NAME/VERSION`, `models:/NAME@ALIAS`, `models:/NAME/latest`,
-    `models:/MODEL_ID`, `runs:/RUN_ID/generator_ab`, or a local directory holding generator.json and
-    generator.safetensors (a pyfunc model directory or the two files alone)."""
-    if os.path.isdir(uri):
-        return _build_from_dir(uri, device)
-    location, version, run_id = _locate(MlflowClient(tracking_uri), uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp,
-                                                    tracking_uri=tracking_uri)
-        generator = _build_from_dir(local, device)
-    generator.version, generator.run_id = version, run_id
-    return generator
+def locate(ref: ModelRef, tracking_uri: str | None = None) -> Located:
+    """One registry round trip for what `ref` names (a folder needs none). The registry is asked
+    through a client of `tracking_uri`, because MLflow's own `models:/` download ignores a tracking
+    URI that is not the global one; an alias is resolved once, so the weights and the version
+    reported cannot disagree. A name, version or alias that does not exist raises ModelNotFound
+    naming what the registry holds."""
+    if ref.kind in ("folder", "checkpoint"):
+        return Located(ref, ref.uri)
+    if ref.kind == "run":
+        return Located(ref, ref.uri, None, ref.name)
+    client = MlflowClient(tracking_uri)
+    if ref.kind == "logged":
+        logged = client.get_logged_model(ref.name)
+        return Located(ref, logged.artifact_location, None, logged.source_run_id)
+    try:
+        mv = _model_version(client, ref)
+    except (MlflowException, LookupError):
+        check_model_uri(tracking_uri, ref.uri)  # raises ModelNotFound with what exists
+        raise
+    return Located(ref, mv.source, str(mv.version), mv.run_id)
 
 
-def _build_from_dir(path: str, device) -> LoadedGenerator:
-    """A pyfunc model directory keeps the two files under artifacts/; a plain directory at its top."""
-    folder = Path(path, "artifacts") if Path(path, "artifacts", SPEC_FILE).exists() else Path(path)
-    if not (folder / SPEC_FILE).exists():
-        raise FileNotFoundError(f"no {SPEC_FILE} in {path} or {path}/artifacts: not a logged generator")
-    return _build(json.loads((folder / SPEC_FILE).read_text()), str(folder / WEIGHTS_FILE), device)
+def _model_version(client: MlflowClient, ref: ModelRef):
+    if ref.kind == "alias":
+        return client.get_model_version_by_alias(ref.name, ref.ref)
+    if ref.kind == "latest":
+        versions = client.search_model_versions(f"name = '{ref.name}'")
+        if not versions:
+            raise LookupError(f"{ref.name} has no versions")
+        return max(versions, key=lambda v: int(v.version))
+    return client.get_model_version(ref.name, ref.ref)
 
 
-def _locate(client: MlflowClient, uri: str) -> tuple[str, str | None, str | None]:
-    """(artifact location to download, version, run id). The registry is asked through `client`,
-    because MLflow's own `models:/` download ignores a tracking URI that is not the global one; an
-    alias is resolved once, so the weights and the version reported cannot disagree."""
-    if uri.startswith("runs:/"):
-        return uri, None, uri.removeprefix("runs:/").split("/")[0]
-    if not uri.startswith("models:/"):
-        raise ValueError(f"cannot load {uri!r}: expected models:/NAME/VERSION, models:/NAME@ALIAS, "
-                         "models:/MODEL_ID, runs:/RUN_ID/PATH or a local directory")
-    rest = uri.removeprefix("models:/")
-    if "@" in rest:
-        mv = client.get_model_version_by_alias(*rest.split("@", 1))
-    elif "/" in rest:
-        name, version = rest.split("/", 1)
-        if version == "latest":
-            version = max(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
-        mv = client.get_model_version(name, str(version))
+def load_generator(ref: str | ModelRef | Located, tracking_uri: str | None = None) -> tuple[GeneratorArtifact,
+                                                                                            Located]:
+    """The generator `ref` names (any form of `pipeline.model_ref` but a checkpoint) and where it
+    was found. A generator logged before its artifact recorded the training image size and
+    swap_ab takes them from the run that logged it."""
+    located = ref if isinstance(ref, Located) else locate(
+        ref if isinstance(ref, ModelRef) else parse_model_ref(ref), tracking_uri)
+    if located.ref.kind == "folder":
+        artifact = GeneratorArtifact.load(located.location)
     else:
-        logged = client.get_logged_model(rest)
-        return logged.artifact_location, None, logged.source_run_id
-    return client.get_model_version_download_uri(mv.name, mv.version), str(mv.version), mv.run_id
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=located.location, dst_path=tmp,
+                                                        tracking_uri=tracking_uri)
+            artifact = GeneratorArtifact.load(local)
+    if (artifact.size is None or artifact.swap_ab is None) and located.run_id:
+        artifact = _from_run_params(artifact, get_run_params(tracking_uri, located.run_id))
+    return artifact, located
 
+
+def _from_run_params(artifact: GeneratorArtifact, params: dict[str, str]) -> GeneratorArtifact:
+    """An older generator.json's missing fields from its run's string params, read as before."""
+    size = int(params.get("data.crop_size") or 0) or int(params.get("data.load_size") or 0) or None
+    swap_ab = params.get("data.swap_ab") == "True"
+    return replace(artifact, size=artifact.size if artifact.size is not None else size,
+                   swap_ab=artifact.swap_ab if artifact.swap_ab is not None else swap_ab)
 
 
 # ----------------------------------------------------------------------------- registry helpers
@@ -235,25 +228,13 @@ class ModelNotFound(LookupError):
     """A registered model, version or alias that does not exist; the message lists what does."""
 
 
-def split_model_uri(uri: str) -> tuple[str, str, str]:
-    """`models:/NAME/VERSION` -> (NAME, "/", VERSION); `models:/NAME@ALIAS` -> (NAME, "@", ALIAS);
-    `models:/MODEL_ID` -> (MODEL_ID, "", "")."""
-    rest = uri.removeprefix("models:/")
-    if "@" in rest:
-        name, _, alias = rest.partition("@")
-        return name, "@", alias
-    name, sep, version = rest.partition("/")
-    return name, sep, version
-
-
 def check_model_uri(tracking_uri: str, uri: str) -> None:
     """Raise ModelNotFound, naming what the registry does hold, when `models:/NAME/VERSION`,
     `models:/NAME/latest` or `models:/NAME@ALIAS` points at nothing. Other URIs pass unchecked."""
-    if not uri.startswith("models:/"):
-        return
-    name, sep, ref = split_model_uri(uri)
-    if not sep:
-        return  # a logged model id: load_generator's own error is clear enough
+    parsed = parse_model_ref(uri)
+    if not parsed.registered:
+        return  # a logged model id, run or folder: loading's own error is clear enough
+    name, ref = parsed.name, parsed.ref
     client = MlflowClient(tracking_uri)
     try:
         model = client.get_registered_model(name)
@@ -266,25 +247,19 @@ def check_model_uri(tracking_uri: str, uri: str) -> None:
     versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
     aliases = dict(model.aliases or {})
     where = f"model {name!r} (versions {versions or 'none'}, aliases {aliases or 'none'})"
-    if sep == "@" and ref not in aliases:
+    if parsed.kind == "alias" and ref not in aliases:
         raise ModelNotFound(f"{where} has no alias {ref!r}: promote a version first, e.g. "
                             f"`python jobs/promote.py {name} --alias {ref} --metric KEY --min VALUE`")
-    if sep == "/" and ref == "latest" and not versions:
+    if parsed.kind == "latest" and not versions:
         raise ModelNotFound(f"{where} has no versions yet")
-    if sep == "/" and ref != "latest" and (not ref.isdigit() or int(ref) not in versions):
+    if parsed.kind == "version" and (not ref.isdigit() or int(ref) not in versions):
         raise ModelNotFound(f"{where} has no version {ref!r}")
 
 
 def resolve_version(tracking_uri: str, name: str, ref: str = "latest") -> str:
     """The version number that `ref` (a version, "latest" or "@alias") names; ModelNotFound if none."""
     uri = f"models:/{name}{ref}" if ref.startswith("@") else f"models:/{name}/{ref}"
-    check_model_uri(tracking_uri, uri)
-    client = MlflowClient(tracking_uri)
-    if ref.startswith("@"):
-        return str(client.get_model_version_by_alias(name, ref[1:]).version)
-    if ref == "latest":
-        return str(max(int(v.version) for v in client.search_model_versions(f"name = '{name}'")))
-    return str(int(ref))
+    return locate(parse_model_ref(uri), tracking_uri).version
 
 
 def get_model_version_info(tracking_uri: str, name: str, version: str | int) -> dict:

@@ -1,14 +1,15 @@
 """One trained generator as an MLflow pyfunc model, logged "from code": nothing is unpickled.
 
-`pipeline.tracking.log_generator` passes the PATH of this file as `python_model`; MLflow copies the
-source into the model and runs it at load time (MLflow 3 refuses cloudpickled models by default).
-The model's artifacts are plain data:
-  "spec"    generator.json          {"model": "cyclegan", "config": {...}, "direction": "ab", "net": "G_ab"}
+`pipeline.registry.ModelTracker.log_generator` passes the PATH of `served_model.py` as
+`python_model` (its one line hands MLflow a `ServedGenerator`); MLflow copies that source into the
+model and runs it at load time (MLflow 3 refuses cloudpickled models by default). The model's
+artifacts are plain data, a `pipeline.generator_artifact` export:
+  "spec"    generator.json          {"model": "cyclegan", "config": {...}, "direction": "ab", ...}
   "weights" generator.safetensors   the generator's state dict
-The `models` package travels with the model (`code_paths`), so a bare environment with torch,
-safetensors and mlflow can serve it. This file imports only `models`, never `pipeline`, because
-MLflow puts the model's code folder first on sys.path and a copied `pipeline` would shadow the
-caller's own.
+This file, `generator_artifact.py` and the `models` package travel with the model (`code_paths`),
+so a bare environment with torch, safetensors and mlflow can serve it. They import only `models`
+and each other, never `pipeline` by name there, because MLflow puts the model's code folder first
+on sys.path and a copied `pipeline` would shadow the caller's own.
 
 predict(model_input) takes float32 N×C×H×W in [-1, 1] (numpy) and returns float32 N×C'×H×W in
 [-1, 1], computed without gradients in the generator's test-time mode (`models.norms`): a batch-norm
@@ -23,32 +24,32 @@ mode. `model_config={"bn_mode": "eval"}` (or "per_image") chooses one outright.
 `pyfunc.load_model(uri, model_config={"device": "cuda"})` places the net on a GPU.
 """
 
-import json
+import os
 
 import mlflow
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from models import MODELS
 from models.norms import inference_mode, run_generator
 
+try:  # logged: MLflow puts the model's code folder, this file's siblings, on sys.path
+    from generator_artifact import GeneratorArtifact
+except ModuleNotFoundError:  # imported from the project
+    from pipeline.generator_artifact import GeneratorArtifact
 
-def build_config(spec, config: dict):
-    # Model configs are flat dataclasses; JSON turned their tuples into lists.
-    return spec.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
 
-
-def generate(spec, cfg, info: dict, net, x: torch.Tensor, z_seed: int | None = None,
+def generate(artifact: GeneratorArtifact, net, x: torch.Tensor, z_seed: int | None = None,
              bn_mode: str = "auto") -> torch.Tensor:
-    """The served output for `x` (on the net's device): the contract above, without numpy. The
-    net's flags and buffers are as before afterwards."""
-    nets = {info["net"]: net}
+    """The served output for `x` (on the net's device) from `artifact`'s generator `net` (built by
+    `artifact.build`): the contract above, without numpy. The net's flags and buffers are as before
+    afterwards."""
+    spec, cfg = artifact.spec, artifact.config
+    nets = {artifact.net_name: net}
     mode = inference_mode(spec.generator_norm(cfg), bn_mode)
     if spec.generates_pairs:
         pair = lambda _, z: torch.cat(spec.translate(cfg, nets, None, "pair", z=z), dim=1)  # noqa: E731
         return run_generator(pair, net, None, x, mode)
-    run = lambda xi, zi: spec.translate(cfg, nets, xi, info["direction"], zi)  # noqa: E731
+    run = lambda xi, zi: spec.translate(cfg, nets, xi, artifact.direction, zi)  # noqa: E731
     return run_generator(run, net, x, latent(spec, cfg, x, z_seed), mode)
 
 
@@ -66,25 +67,16 @@ def latent(spec, cfg, x: torch.Tensor, z_seed: int | None):
 
 class ServedGenerator(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
-        with open(context.artifacts["spec"]) as f:
-            self.info = json.load(f)
-        self.spec = MODELS[self.info["model"]]
-        self.cfg = build_config(self.spec, self.info["config"])
+        self.artifact = GeneratorArtifact.load(os.path.dirname(context.artifacts["spec"]))
         model_config = context.model_config or {}
         self.device = torch.device(model_config.get("device", "cpu"))
         self.bn_mode = model_config.get("bn_mode", "auto")
-        inference_mode(self.spec.generator_norm(self.cfg), self.bn_mode)  # an unknown mode fails here
-        net = self.spec.build_nets(self.cfg)[self.info["net"]]
-        net.load_state_dict(load_file(context.artifacts["weights"]))
-        self.net = net.to(self.device).eval()
+        norm = self.artifact.spec.generator_norm(self.artifact.config)
+        inference_mode(norm, self.bn_mode)  # an unknown mode fails here
+        self.net = self.artifact.build(self.device)
 
     def predict(self, context, model_input: np.ndarray, params=None):  # the hint silences MLflow's nudge
         x = torch.from_numpy(np.ascontiguousarray(model_input, dtype=np.float32)).to(self.device)
         z_seed = (params or {}).get("z_seed")
-        out = generate(self.spec, self.cfg, self.info, self.net, x, z_seed, self.bn_mode)
+        out = generate(self.artifact, self.net, x, z_seed, self.bn_mode)
         return out.float().cpu().numpy()
-
-
-# MLflow reads the model from this call when it runs the file; importing the module elsewhere
-# (pipeline.tracking uses `generate`) only sets a global that the next load overwrites.
-mlflow.models.set_model(ServedGenerator())

@@ -1,6 +1,8 @@
 """pipeline.tracking and pipeline.registry against a real `mlflow server` (tests/mlflow_server.py)
 and the embedded store."""
 
+import dataclasses
+import json
 import uuid
 from pathlib import Path
 
@@ -14,8 +16,10 @@ from safetensors.torch import save_file
 from tiny import tiny_model
 
 from models import MODELS
-from pipeline import registry, session, tracking
-from pipeline.config import flatten, to_dict
+from pipeline import registry, served_generator, session, tracking
+from pipeline.config import flatten
+from pipeline.generator_artifact import GeneratorArtifact
+from pipeline.model_ref import parse_model_ref
 from pipeline.run_config import TrackingSettings, make_config
 
 pytestmark = pytest.mark.integration
@@ -39,9 +43,20 @@ def log_tiny(tracker, name="cyclegan", direction="ab", registered_name=None, met
     spec, cfg, nets, _ = tiny_model(name, **overrides)
     net_name = spec.generator_for[direction]
     x = torch.randn(2, cfg.nz) if name == "cogan" else torch.from_numpy(example(cfg))
-    spec_info = {"model": name, "config": to_dict(cfg), "direction": direction, "net": net_name}
-    info = tracker.log_generator(spec_info, nets[net_name].state_dict(), x.numpy(), registered_name, metrics)
+    artifact = GeneratorArtifact.from_net(name, cfg, direction, nets[net_name], 32, False)
+    info = tracker.log_generator(artifact, x.numpy(), registered_name, metrics)
     return info, cfg, nets[net_name].eval(), x
+
+
+def load(ref, uri=None):
+    """(artifact, where it was found, its net)."""
+    artifact, located = registry.load_generator(ref, uri)
+    return artifact, located, artifact.build()
+
+
+def served(artifact, x):
+    """What the served model gives for `x`."""
+    return served_generator.generate(artifact, artifact.build(), x)
 
 
 def test_create_run_logs_dotted_params_and_tags(mlflow_server):
@@ -114,41 +129,45 @@ def test_log_generator_registers_a_pickle_free_model_that_loads_back(mlflow_serv
     with torch.no_grad():
         expected = net(x)
 
-    loaded = registry.load_generator(f"models:/{name}/1", uri)
+    loaded, located, loaded_net = load(f"models:/{name}/1", uri)
     assert (loaded.model_name, loaded.direction, loaded.net_name) == ("cyclegan", "ab", "G_ab")
-    assert (loaded.version, loaded.run_id) == ("1", tracker.run_id)
+    assert (located.version, located.run_id) == ("1", tracker.run_id)
+    assert (loaded.size, loaded.swap_ab, loaded.channels) == (32, False, (3, 3))  # recorded, not from params
     assert isinstance(loaded.config, MODELS["cyclegan"].Config) and loaded.config.ngf == 4
-    assert not loaded.net.training
+    assert not loaded_net.training
     for key, value in net.state_dict().items():
-        assert torch.equal(loaded.net.state_dict()[key], value), key
-    assert torch.equal(loaded(x), expected)
+        assert torch.equal(loaded_net.state_dict()[key], value), key
+    assert torch.equal(served(loaded, x), expected)
     assert registry.get_model_version_metrics(uri, name, 1) == {"eval/psnr_ab": 12.5}
 
     # the model holds source and data only: no pickle anywhere in it
     location = MlflowClient(uri).get_model_version_download_uri(name, "1")
     files = {p.name for p in Path(mlflow.artifacts.download_artifacts(location, tracking_uri=uri)).rglob("*")}
-    assert {"served_generator.py", "generator.json", "generator.safetensors", "MLmodel"} <= files
+    assert {"served_model.py", "served_generator.py", "generator_artifact.py", "generator.json",
+            "generator.safetensors", "MLmodel"} <= files
     assert not {f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth"))}
 
     # mlflow's own loader resolves models:/ through the global URIs
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
-    served = mlflow.pyfunc.load_model(f"models:/{name}/1")
-    assert np.allclose(served.predict(x.numpy()), expected.numpy(), atol=1e-6)
-    assert served.predict(example(loaded.config, n=1, size=64)).shape == (1, 3, 64, 64)  # any size
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/1")
+    assert np.allclose(pyfunc.predict(x.numpy()), expected.numpy(), atol=1e-6)
+    assert pyfunc.predict(example(loaded.config, n=1, size=64)).shape == (1, 3, 64, 64)  # any size
 
     # a second version, then the alias moves to it
     second, _, net_ba, _ = log_tiny(tracker, direction="ba", registered_name=name)
     assert second["version"] == "2"
     registry.set_alias(uri, name, "champion", 1)
-    assert registry.load_generator(f"models:/{name}@champion", uri).version == "1"
+    assert load(f"models:/{name}@champion", uri)[1].version == "1"
     registry.set_alias(uri, name, "champion", 2)
-    by_alias = registry.load_generator(f"models:/{name}@champion", uri)
-    assert (by_alias.version, by_alias.net_name) == ("2", "G_ba")
-    assert torch.equal(by_alias(x), net_ba(x).detach())
-    assert registry.load_generator(f"models:/{name}/latest", uri).version == "2"
-    assert registry.load_generator(f"models:/{info['model_id']}", uri).net_name == "G_ab"
-    assert registry.load_generator(f"runs:/{tracker.run_id}/generator_ab", uri).net_name == "G_ab"
+    by_alias, located, _ = load(f"{name}@champion", uri)  # the short form parses the same
+    assert (located.version, by_alias.net_name) == ("2", "G_ba")
+    assert torch.equal(served(by_alias, x), net_ba(x).detach())
+    assert load(name, uri)[1].version == "2"  # NAME: its latest version
+    assert load(f"models:/{info['model_id']}", uri)[0].net_name == "G_ab"
+    assert load(f"runs:/{tracker.run_id}/generator_ab", uri)[0].net_name == "G_ab"
+    with pytest.raises(registry.ModelNotFound, match="no version '7'"):
+        load(f"models:/{name}/7", uri)
 
 
 def test_served_bicyclegan_and_cogan(mlflow_server, monkeypatch):
@@ -177,8 +196,24 @@ def test_generator_logged_before_the_rate_moved_loads(tmp_path):
     spec, cfg, nets, _ = tiny_model("cyclegan")  # the same widths as the old file's
     save_file({k: v.contiguous() for k, v in nets["G_ab"].state_dict().items()},
               str(tmp_path / registry.WEIGHTS_FILE))
-    loaded = registry.load_generator(str(tmp_path))
-    assert loaded.config == cfg and loaded(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+    loaded, _, _ = load(str(tmp_path))
+    assert loaded.config == cfg and served(loaded, torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+
+
+def test_generator_logged_before_the_artifact_takes_size_and_swap_from_its_run(mlflow_server, tmp_path):
+    """A generator.json as the code before GeneratorArtifact wrote it (no image_size, no swap_ab):
+    both come from the run that logged it, read from its params as that code did."""
+    uri = mlflow_server.uri
+    spec, cfg, nets, _ = tiny_model("cyclegan")
+    old = {"model": "cyclegan", "config": dataclasses.asdict(cfg), "direction": "ba", "net": "G_ba"}
+    (tmp_path / registry.SPEC_FILE).write_text(json.dumps(old))
+    save_file({k: v.contiguous() for k, v in nets["G_ba"].state_dict().items()},
+              str(tmp_path / registry.WEIGHTS_FILE))
+    run_id = new_run(uri, params={"data.crop_size": 48, "data.load_size": 56, "data.swap_ab": True})
+    located = registry.Located(parse_model_ref(str(tmp_path)), str(tmp_path), None, run_id)
+    artifact, _ = registry.load_generator(located, uri)
+    assert (artifact.size, artifact.swap_ab, artifact.reads_half()) == (48, True, "left")
+    assert load(str(tmp_path))[0].size is None  # no run: the caller passes --size
 
 
 def test_null_tracker_does_nothing():
@@ -217,8 +252,7 @@ def test_embedded_default_store(tmp_path, monkeypatch):
     assert MlflowClient(uri).get_experiment_by_name("facades").artifact_location == \
         tracking.default_artifact_location(str(home), "facades")
     assert list((home / "mlartifacts" / "facades").glob("*/artifacts/samples/step00000_ab.png"))
-    loaded = registry.load_generator("models:/tiny/1", uri)
-    assert torch.equal(loaded(x), net(x).detach())
+    assert torch.equal(served(load("models:/tiny/1", uri)[0], x), net(x).detach())
     model_dir = next((home / "mlartifacts" / "facades" / "models").glob("*/artifacts"))
-    assert torch.equal(registry.load_generator(str(model_dir))(x), net(x).detach())  # a local dir
+    assert torch.equal(served(load(str(model_dir))[0], x), net(x).detach())  # a local dir
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]  # no ./mlruns, no ./mlflow.db

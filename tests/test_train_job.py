@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 from jobs import train as train_job
 from jobs.recipes import RECIPES
 from pipeline.registry import load_generator
+from pipeline.served_generator import generate
 
 pytestmark = pytest.mark.integration
 
@@ -47,9 +48,9 @@ def test_quick_recipe_on_ray_is_tracked_registered_and_resumes_in_the_same_run(
     assert len(client.get_metric_history(run.info.run_id, "loss/G/total")) >= 10
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert "samples/step0000010_ab.png" in artifacts
-    loaded = load_generator("models:/cyclegan_facades-quick-ab/1", tracking_uri=mlflow_server.uri)
-    assert loaded.direction == "ab" and loaded.run_id == run.info.run_id
-    assert loaded(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+    loaded, located = load_generator("models:/cyclegan_facades-quick-ab/1", tracking_uri=mlflow_server.uri)
+    assert loaded.direction == "ab" and located.run_id == run.info.run_id and loaded.size
+    assert generate(loaded, loaded.build(), torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
 
     resume = ["--resume", "facades-e2e", "--set", f"data.path={facades}", "train.steps=30",
               "eval.every=10", "checkpoint.every=10", "scaling.cpus_per_worker=0.5", "eval.max_images=16"]

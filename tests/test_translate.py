@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from jobs import promote
 from jobs import translate as translate_job
 from pipeline import served_generator, translate
 from pipeline.config import to_dict
-from pipeline.translate import Job, ModelInfo, ModelPayload, Outputs, Translator, Work
+from pipeline.translate import GeneratorArtifact, Job, ModelInfo, Outputs, Translator, Work
 
 REPO = Path(__file__).resolve().parents[1]
 FACADES_SMALL = REPO / "tests" / "assets" / "facades_small"
@@ -36,22 +37,26 @@ NAME = "translate-quick-ab"  # its own name: other modules register on the same 
 # ============================================================================= helpers
 
 
-def tiny_payload(name, seed=0, size=32, **overrides) -> ModelPayload:
+def tiny_payload(name, seed=0, size=32, **overrides) -> GeneratorArtifact:
     torch.manual_seed(seed)
     spec, cfg, nets, _ = tiny_model(name, **overrides)
-    net_name = spec.generator_for[spec.directions[0]]
-    weights = {k: v.detach().clone() for k, v in nets[net_name].state_dict().items()}
-    info = ModelInfo(f"tiny-{name}", None, None, "test", translate.weights_key(weights))
-    return ModelPayload(name, to_dict(cfg), spec.directions[0], net_name, weights, info, size)
+    direction = spec.directions[0]
+    return GeneratorArtifact.from_net(name, cfg, direction, nets[spec.generator_for[direction]], size, False)
 
 
-def model_dir(path: Path, payload: ModelPayload) -> str:
-    """A logged-generator directory (what load_generator reads), without MLflow."""
+def tiny_info(generator: GeneratorArtifact) -> ModelInfo:
+    key = translate.weights_key(generator.weights)
+    return ModelInfo(f"tiny-{generator.model_name}", None, None, "test", key)
+
+
+def model_dir(path: Path, generator: GeneratorArtifact) -> str:
+    """A logged-generator directory as the code before the artifact recorded its image size and
+    swap_ab wrote it (what load_generator reads), without MLflow: such models must keep loading."""
     path.mkdir(parents=True)
-    spec = {"model": payload.model_name, "config": payload.config, "direction": payload.direction,
-            "net": payload.net_name}
+    spec = {"model": generator.model_name, "config": to_dict(generator.config),
+            "direction": generator.direction, "net": generator.net_name}
     (path / "generator.json").write_text(json.dumps(spec))
-    save_file(payload.weights, str(path / "generator.safetensors"))
+    save_file(generator.weights, str(path / "generator.safetensors"))
     return str(path)
 
 
@@ -150,8 +155,7 @@ def test_auto_bn_mode_translates_batch_norm_per_image_and_others_in_eval_mode():
     assert np.array_equal(core.translate(x[2:3])[0], batched[2])
     assert np.abs(batched[0].astype(int) - Translator(payload, bn_mode="eval").translate(x)[0]).mean() > 0.5
     # the served model serves the same, whatever else is in its batch
-    info = {"model": "dualgan", "direction": "ab", "net": payload.net_name}
-    served = served_generator.generate(core.spec, core.cfg, info, core.net, core.to_tensor(x))
+    served = served_generator.generate(payload, core.net, core.to_tensor(x))
     np.testing.assert_array_equal(core.to_pixels(served), np.stack(batched))
     assert not any(m.training for m in core.net.modules())
     renorm = Translator(tiny_payload("dualgan", norm="batch_renorm", use_dropout=False))
@@ -179,9 +183,8 @@ def test_bicyclegan_z_seeds_reproduce_with_the_served_model():
     x = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     z, seed, _ = translate.latent(core.cfg.nz, "random", 7, "abc", 2, 4)
     assert seed == translate.z_seed(7, "abc", 2) and seed != translate.z_seed(7, "abc", 3)
-    info = {"model": "bicyclegan", "direction": "ab", "net": "G"}
     tensor = core.to_tensor([x])
-    served = served_generator.generate(core.spec, core.cfg, info, core.net, tensor, z_seed=seed)
+    served = served_generator.generate(payload, core.net, tensor, z_seed=seed)
     np.testing.assert_array_equal(core.to_pixels(served)[0], core.translate([x], z)[0])
     grid = [translate.latent(core.cfg.nz, "linear", 0, "abc", k, 3) for k in range(3)]
     assert [t for _, _, t in grid] == [0.0, 0.5, 1.0] and len({s for _, s, _ in grid}) == 1
@@ -264,6 +267,22 @@ def test_aligned_dataset_rerun_translates_nothing(tmp_path, facades_small_dst):
     assert {e["job_key"] for e in manifest["entries"].values()} == {manifest["job_key"]}
 
 
+def test_rerun_over_an_output_folder_from_before_the_artifact_skips_everything(tmp_path, facades_small_dst):
+    """tests/assets/translation_before_artifact: a model folder and its translation of the aligned
+    test split as the code before GeneratorArtifact wrote them; the job's key must not change."""
+    old = REPO / "tests" / "assets" / "translation_before_artifact"
+    out = tmp_path / "out"
+    shutil.copytree(old / "out", out)
+    before = {f: (out / f).read_bytes() for f in outputs_on_disk(out)}
+    args = ["--model", old / "model", "--size", 32, "--input", facades_small_dst, "--split", "test",
+            "--output", out, "--no-ray", "--no-keep-size"]
+    assert run_cli(*args) == 0
+    manifest = translate.load_manifest(str(out))
+    assert manifest["runs"][-1]["counts"]["translated"] == 0
+    assert manifest["runs"][-1]["counts"]["done_before"] == 8
+    assert {f: (out / f).read_bytes() for f in outputs_on_disk(out)} == before
+
+
 @pytest.mark.integration
 def test_s3_folder_in_and_out_incrementally(s3_env, tmp_path):
     """Inputs and outputs on a real S3-compatible server; the second run adds only the new image."""
@@ -289,7 +308,7 @@ def test_s3_folder_in_and_out_incrementally(s3_env, tmp_path):
 
 def test_a_second_run_on_the_folder_stops_the_first(tmp_path):
     payload = tiny_payload("cyclegan")
-    work = Work(Job(payload, str(tmp_path / "out")))
+    work = Work(Job(payload, tiny_info(payload), str(tmp_path / "out")))
     first, second = Outputs(work.job.output), Outputs(work.job.output)
     first.open(work, {})
     second.open(work, {})
@@ -381,7 +400,7 @@ def test_dataset_half_and_checkpoint_into_parquet(tracking_env, facades_small_ds
     assert set(table["width"].to_pylist()) == {256} and set(table["model_version"].to_pylist()) == {
         "checkpoint_00000004"}
     assert set(table["run_id"].to_pylist()) == {tracking_env["run_id"]}
-    payload = translate.load_model(str(tracking_env["runs"]), direction="ba")
+    payload, _ = translate.load_model(str(tracking_env["runs"]), direction="ba")
     row = table.slice(0, 1).to_pylist()[0]
     with Image.open(FACADES_SMALL / row["input_id"].split("/", 1)[1]) as img:  # id: <split>/<path>
         right = np.asarray(img.convert("RGB"))[:, img.width // 2:]

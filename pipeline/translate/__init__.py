@@ -3,7 +3,8 @@
 Three layers, so that the core also runs where Ray does not (a bare GPU box, the benchmark):
 
 - the plain-torch core: `model.load_model` (driver side: a registered model, a run's model or a
-  training checkpoint -> `ModelPayload`: weights, config, training image size and lineage) and
+  training checkpoint -> its `GeneratorArtifact`, config, training image size and weights, and
+  its `ModelInfo`, the lineage) and
   `core.Translator` (holds the net once; resizes a batch of decoded images to the model's size and
   channels, translates in the inference mode `bn_mode` asks for, and brings each output back to
   its input's size). bn_mode "auto" (the default) follows the papers' test scripts: a batch-norm
@@ -38,9 +39,10 @@ schedules in infra/ avoid overlaps, and a run stops if a later run has claimed i
 The names callers use are importable from here.
 """
 
+from pipeline.generator_artifact import GeneratorArtifact
 from pipeline.translate.core import BN_MODES, Translator, decode_input, encode_output, latent, z_seed
 from pipeline.translate.job import FORMATS, Z_MODES, Job, RunOptions, Settings, Task, Work
-from pipeline.translate.model import ModelInfo, ModelPayload, load_model, weights_key
+from pipeline.translate.model import ModelInfo, load_model, weights_key
 from pipeline.translate.outputs import (
     KIND,
     MANIFEST,
@@ -55,8 +57,8 @@ from pipeline.translate.runner import run
 from pipeline.translate.worker import BatchTranslator
 
 __all__ = [
-    "BN_MODES", "FORMATS", "KIND", "MANIFEST", "RUN_FILE", "Z_MODES", "BatchTranslator", "Job", "ModelInfo",
-    "ModelPayload", "OutputError", "Outputs", "Plan", "RunOptions", "Settings", "Source", "Task",
+    "BN_MODES", "FORMATS", "KIND", "MANIFEST", "RUN_FILE", "Z_MODES", "BatchTranslator", "GeneratorArtifact",
+    "Job", "ModelInfo", "OutputError", "Outputs", "Plan", "RunOptions", "Settings", "Source", "Task",
     "Translator", "Work", "decode_input", "encode_output", "latent", "load_manifest", "load_model", "plan",
     "read_parquet_outputs", "resolve", "run", "weights_key", "z_seed",
 ]

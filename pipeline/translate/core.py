@@ -10,13 +10,11 @@ import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
-from models import MODELS
 from models.bicyclegan import interpolation_z
 from models.norms import inference_mode, run_generator
 from pipeline import images
-from pipeline.config import from_dict
 from pipeline.evaluation import to_rgb
-from pipeline.translate.model import ModelPayload, model_channels
+from pipeline.generator_artifact import GeneratorArtifact
 
 BN_MODES = ("auto", "per_image", "eval", "train")
 PNG_LEVEL = 3  # zlib level: about twice as fast as pillow's default 6, for a few % more bytes
@@ -31,25 +29,22 @@ class Translator:
     (`mode` holds it resolved for this model); `dropout=True` keeps dropout on (pix2pix's test
     script), so outputs then vary from call to call."""
 
-    def __init__(self, payload: ModelPayload, device="cpu", bn_mode: str = "auto", bf16: bool = True,
+    def __init__(self, generator: GeneratorArtifact, device="cpu", bn_mode: str = "auto", bf16: bool = True,
                  dropout: bool = False):
         if bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
-        self.payload, self.bn_mode, self.size, self.dropout = payload, bn_mode, payload.size, dropout
-        self.spec = MODELS[payload.model_name]
-        self.cfg = from_dict(self.spec.Config, payload.config)
-        self.mode = resolved_mode(payload, bn_mode)
+        self.generator, self.bn_mode, self.size, self.dropout = generator, bn_mode, generator.size, dropout
+        self.spec, self.cfg = generator.spec, generator.config
+        self.mode = resolved_mode(generator, bn_mode)
         self.device = torch.device(device)
-        net = self.spec.build_nets(self.cfg)[payload.net_name]
-        net.load_state_dict(payload.weights)
-        net = net.to(self.device).eval()
+        net = generator.build(self.device)
         self.cuda = self.device.type == "cuda"
         if self.cuda:
             torch.backends.cudnn.benchmark = True  # one input shape all run long: autotune it once
         self.net = net.to(memory_format=torch.channels_last) if self.cuda else net
-        self.nets = {payload.net_name: self.net}
+        self.nets = {generator.net_name: self.net}
         self.autocast = self.cuda and bf16
-        self.in_channels, self.out_channels = model_channels(payload.model_name, self.cfg, payload.direction)
+        self.in_channels, self.out_channels = generator.channels
 
     def to_tensor(self, pixels: list[np.ndarray]) -> torch.Tensor:
         """uint8 H×W×C images of any sizes -> float N×C×S×S in [-1, 1] on the device."""
@@ -64,7 +59,7 @@ class Translator:
         flag and batch-norm buffer is as before afterwards (train mode included)."""
         if z is not None:
             z = z.to(self.device)
-        run = lambda xi, zi: self.spec.translate(self.cfg, self.nets, xi, self.payload.direction, zi)  # noqa: E731
+        run = lambda xi, zi: self.spec.translate(self.cfg, self.nets, xi, self.generator.direction, zi)  # noqa: E731
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             y = run_generator(run, self.net, x, z, self.mode, self.dropout)
         return side_by_side(*y) if isinstance(y, tuple) else y
@@ -87,10 +82,9 @@ class Translator:
         return list(self.to_pixels(self.forward(None, z)))
 
 
-def resolved_mode(payload: ModelPayload, bn_mode: str) -> str:
+def resolved_mode(generator: GeneratorArtifact, bn_mode: str) -> str:
     """per_image | eval | train: `bn_mode` for this model ("auto" picks by the generator's norm)."""
-    spec = MODELS[payload.model_name]
-    return inference_mode(spec.generator_norm(from_dict(spec.Config, payload.config)), bn_mode)
+    return inference_mode(generator.spec.generator_norm(generator.config), bn_mode)
 
 
 def side_by_side(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

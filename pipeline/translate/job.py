@@ -6,8 +6,9 @@ import json
 from dataclasses import dataclass, field
 
 from models import MODELS
+from pipeline.generator_artifact import GeneratorArtifact
 from pipeline.translate.core import BN_MODES, resolved_mode
-from pipeline.translate.model import ModelPayload
+from pipeline.translate.model import ModelInfo
 
 FORMATS = {"png": ".png", "jpeg": ".jpg", "parquet": ".parquet"}
 Z_MODES = ("random", "linear", "zero")
@@ -56,7 +57,8 @@ class Job:
     """What the caller asks for. It has no key: what the outputs depend on is complete only once
     `resolve` has looked at the input (an aligned dataset adds the half the model reads)."""
 
-    payload: ModelPayload
+    generator: GeneratorArtifact
+    info: ModelInfo  # which generator: recorded with every output
     output: str
     settings: Settings = Settings()
     samples: int = 1
@@ -80,11 +82,11 @@ class Work:
     @property
     def key(self) -> str:
         """Outputs listed under another key were made another way: a rerun redoes them."""
-        job, payload, settings = self.job, self.job.payload, self.job.settings
-        z = {"z": settings.z_mode, "seed": settings.seed} if MODELS[payload.model_name].draws_z else {}
+        job, generator, settings = self.job, self.job.generator, self.job.settings
+        z = {"z": settings.z_mode, "seed": settings.seed} if generator.spec.draws_z else {}
         if settings.z_mode == "linear":
             z["samples"] = job.samples  # the grid's points depend on K
-        parts = {"model": payload.info.key, "direction": payload.direction, "size": payload.size,
+        parts = {"model": job.info.key, "direction": generator.direction, "size": generator.size,
                  "half": self.half, "format": settings.format, "bn_mode": self.bn_mode,
                  "keep_size": settings.keep_size, **z}
         if settings.dropout:  # only then, so that folders made before the option keep their key
@@ -95,14 +97,13 @@ class Work:
     def bn_mode(self) -> str:
         """The inference mode the outputs are made in: settings.bn_mode resolved for the model, so
         that "auto" and the mode it stands for make the same outputs under the same key."""
-        return resolved_mode(self.job.payload, self.job.settings.bn_mode)
+        return resolved_mode(self.job.generator, self.job.settings.bn_mode)
 
     def lineage(self) -> dict:
-        payload = self.job.payload
-        info = payload.info
+        generator, info = self.job.generator, self.job.info
         return {"model": info.name, "model_version": info.version, "run_id": info.run_id,
-                "model_uri": info.uri, "model_key": info.key, "model_type": payload.model_name,
-                "direction": payload.direction, "bn_mode": self.bn_mode,
+                "model_uri": info.uri, "model_key": info.key, "model_type": generator.model_name,
+                "direction": generator.direction, "bn_mode": self.bn_mode,
                 "dropout": self.job.settings.dropout, "job_key": self.key}
 
 

@@ -1,16 +1,15 @@
 """Which generator translates: a registered or logged model, or a training checkpoint, loaded on
-the driver into a `ModelPayload` (weights, config, training image size and lineage) that workers
-rebuild the net from without MLflow or the checkpoint."""
+the driver into its `GeneratorArtifact` (config, direction, training image size, weights), which
+workers build the net from without MLflow or the checkpoint, and its `ModelInfo` (lineage)."""
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, replace
 
 import torch
 
-from models import MODELS
-from pipeline.config import from_dict, to_dict
+from pipeline.generator_artifact import GeneratorArtifact
+from pipeline.model_ref import ModelRef, checkpoint_folder, parse_model_ref
 
 
 @dataclass
@@ -24,89 +23,49 @@ class ModelInfo:
     key: str  # these weights: models:/NAME/VERSION, or weights:<sha256 of the tensors>
 
 
-@dataclass
-class ModelPayload:
-    """Everything a worker needs to rebuild the generator, without MLflow or the checkpoint."""
-
-    model_name: str
-    config: dict
-    direction: str
-    net_name: str
-    weights: dict  # state dict, CPU tensors
-    info: ModelInfo
-    size: int | None  # the training image size (crop, else load size); None: not recorded
-    swap_ab: bool = False  # trained on the right half of aligned pairs as domain a
-
-
 def load_model(ref: str, tracking_uri: str | None = None, direction: str | None = None,
-               size: int | None = None) -> ModelPayload:
-    """A registered or logged generator (`models:/NAME/VERSION`, `models:/NAME@ALIAS`,
-    `runs:/RUN/generator_ab`, a directory holding generator.json) or a training checkpoint (a
-    checkpoint folder or a run folder of them: `direction` picks its generator). `size` is used
-    only for a model that does not record its training size."""
-    if os.path.isdir(ref) and _checkpoint_folder(ref):
-        payload = _from_checkpoint(_checkpoint_folder(ref), direction)
+               size: int | None = None) -> tuple[GeneratorArtifact, ModelInfo]:
+    """The generator `ref` names (any form of `pipeline.model_ref`: a registered or logged model, an
+    exported folder, a training checkpoint, where `direction` picks the generator) and who made it.
+    `size` is used only for a model that does not record its training size."""
+    parsed = parse_model_ref(ref)
+    if parsed.kind == "checkpoint":
+        artifact, info = _from_checkpoint(checkpoint_folder(parsed.uri), direction)
     else:
-        payload = _from_tracking(ref, tracking_uri)
-    if direction and direction != payload.direction:
-        raise ValueError(f"model {ref} translates {payload.direction!r}, not --direction {direction!r}: "
+        artifact, info = _from_tracking(parsed, tracking_uri)
+    if direction and direction != artifact.direction:
+        raise ValueError(f"model {ref} translates {artifact.direction!r}, not --direction {direction!r}: "
                          f"use the model registered for {direction!r} (e.g. its name ending -{direction})")
-    spec = MODELS[payload.model_name]
-    fixed = spec.image_size(from_dict(spec.Config, payload.config))
+    fixed = artifact.spec.image_size(artifact.config)
     if fixed:  # a generator from z (CoGAN) makes the one size it is built for
-        return replace(payload, size=fixed)
-    if payload.size and size and size != payload.size:
-        raise ValueError(f"model {ref} was trained at {payload.size}px; --size {size} does not fit it "
+        return replace(artifact, size=fixed), info
+    if artifact.size and size and size != artifact.size:
+        raise ValueError(f"model {ref} was trained at {artifact.size}px; --size {size} does not fit it "
                          "(inputs of any size are resized to the model's size: drop --size)")
-    if not (payload.size or size):
+    if not (artifact.size or size):
         raise ValueError(f"model {ref} records no training image size (no MLflow run or config): "
                          "pass --size")
-    return replace(payload, size=payload.size or size)
+    return replace(artifact, size=artifact.size or size), info
 
 
-def _checkpoint_folder(path: str) -> str | None:
-    from pipeline.checkpoint import NETS, latest_local
+def _from_checkpoint(folder: str, direction: str | None) -> tuple[GeneratorArtifact, ModelInfo]:
+    from pipeline.checkpoint import export_generator, read_meta_if_any
 
-    return path if os.path.exists(os.path.join(path, NETS)) else latest_local(path)
-
-
-def _from_checkpoint(folder: str, direction: str | None) -> ModelPayload:
-    from pipeline.checkpoint import META, load_nets, net_tensors, read_config_json
-    from pipeline.run_config import from_json
-
-    cfg = from_json(read_config_json(folder))
-    spec = MODELS[cfg.model_name]
-    direction = direction or spec.directions[0]
-    if direction not in spec.directions:
-        raise ValueError(f"checkpoint {folder} ({cfg.model_name}) has directions {spec.directions}, "
-                         f"not {direction!r}")
-    nets = spec.build_nets(cfg.model)
-    load_nets(folder, nets)
-    weights = net_tensors(nets[spec.generator_for[direction]])
-    meta_path = os.path.join(folder, META)
-    meta = json.loads(open(meta_path).read()) if os.path.exists(meta_path) else {}
-    info = ModelInfo(cfg.tracking.run_name or os.path.basename(os.path.dirname(folder)),
-                     os.path.basename(folder), meta.get("run_id"), os.path.abspath(folder),
-                     weights_key(weights))
-    size = cfg.data.crop_size or cfg.data.load_size or None
-    return ModelPayload(cfg.model_name, to_dict(cfg.model), direction, spec.generator_for[direction],
-                        weights, info, size, cfg.data.swap_ab)
+    artifact, run_name = export_generator(folder, direction)
+    info = ModelInfo(run_name or os.path.basename(os.path.dirname(folder)), os.path.basename(folder),
+                     read_meta_if_any(folder).get("run_id"), os.path.abspath(folder),
+                     weights_key(artifact.weights))
+    return artifact, info
 
 
-def _from_tracking(ref: str, tracking_uri: str | None) -> ModelPayload:
-    from pipeline import registry, tracking
+def _from_tracking(ref: ModelRef, tracking_uri: str | None) -> tuple[GeneratorArtifact, ModelInfo]:
+    from pipeline import registry
 
-    registry.check_model_uri(tracking_uri, ref)
-    generator = registry.load_generator(ref, tracking_uri)
-    weights = {k: v.detach().cpu().contiguous() for k, v in generator.net.state_dict().items()}
-    registered = ref.startswith("models:/") and generator.version is not None
-    name = registry.split_model_uri(ref)[0] if registered else ref
-    key = f"models:/{name}/{generator.version}" if registered else weights_key(weights)
-    params = tracking.get_run_params(tracking_uri, generator.run_id) if generator.run_id else {}
-    size = int(params.get("data.crop_size") or 0) or int(params.get("data.load_size") or 0) or None
-    info = ModelInfo(name, generator.version, generator.run_id, ref, key)
-    return ModelPayload(generator.model_name, to_dict(generator.config), generator.direction,
-                        generator.net_name, weights, info, size, params.get("data.swap_ab") == "True")
+    artifact, located = registry.load_generator(registry.locate(ref, tracking_uri), tracking_uri)
+    registered = ref.registered and located.version is not None
+    name = ref.name if registered else ref.uri
+    key = f"models:/{name}/{located.version}" if registered else weights_key(artifact.weights)
+    return artifact, ModelInfo(name, located.version, located.run_id, ref.uri, key)
 
 
 def weights_key(weights: dict) -> str:
@@ -116,12 +75,3 @@ def weights_key(weights: dict) -> str:
         digest.update(name.encode())
         digest.update(weights[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return "weights:" + digest.hexdigest()[:16]
-
-
-def model_channels(model_name: str, cfg, direction: str) -> tuple[int | None, int]:
-    """(input channels, output channels); a generator of pairs (CoGAN) takes no image and writes
-    a|b side by side."""
-    a, b = cfg.channels_a, cfg.channels_b
-    if not MODELS[model_name].takes_input:
-        return None, a if a == b else 3
-    return (a, b) if direction == "ab" else (b, a)

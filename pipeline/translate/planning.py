@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from pipeline import data, images, storage
+from pipeline.generator_artifact import GeneratorArtifact
 from pipeline.translate.job import Job, Task, Work, entry_key
-from pipeline.translate.model import ModelPayload
 from pipeline.translate.outputs import KIND, visible_files
 
 HASH_THREADS = 16  # hashing folder inputs waits on reads (S3), not on the CPU
@@ -48,7 +48,7 @@ def resolve(job: Job, source: Source) -> Work:
     half = None
     if source.kind() == "parquet":
         manifest = data.read_manifest(source.uri, source.endpoint)
-        half = source_domain(manifest, job.payload.direction, job.payload.swap_ab, source.uri)[1]
+        half = source_domain(manifest, job.generator, source.uri)[1]
     return Work(job, half)
 
 
@@ -70,7 +70,7 @@ def plan(work: Work, source: Source, done: dict, rejected: dict | None = None, p
     elif kind == "folder":
         inputs, ignored = _folder_inputs(source)
     else:
-        inputs, shards = _dataset_inputs(source, work.job.payload)
+        inputs, shards = _dataset_inputs(source, work.job.generator)
     unique, duplicates = _unique(inputs)
     rejected = rejected or {}
     before = [i for i in unique if i[1] in rejected]
@@ -105,9 +105,9 @@ def _folder_inputs(source: Source) -> tuple[list[tuple], list[str]]:
     return list(zip(wanted, shas, uris, strict=True)), [f for f in files if f not in set(wanted)]
 
 
-def _dataset_inputs(source: Source, payload: ModelPayload) -> tuple[list[tuple], list[str]]:
+def _dataset_inputs(source: Source, generator: GeneratorArtifact) -> tuple[list[tuple], list[str]]:
     manifest = data.read_manifest(source.uri, source.endpoint)
-    domain, _ = source_domain(manifest, payload.direction, payload.swap_ab, source.uri)
+    domain, _ = source_domain(manifest, generator, source.uri)
     splits = list(source.splits) or sorted(s for s, counts in manifest["counts"].items() if domain in counts)
     shards = []
     for split in splits:
@@ -123,12 +123,13 @@ def _dataset_inputs(source: Source, payload: ModelPayload) -> tuple[list[tuple],
     return inputs, shards
 
 
-def source_domain(manifest: dict, direction: str, swap_ab: bool, uri: str = "") -> tuple[str, str | None]:
-    """(stored domain, half) the model reads. Aligned rows hold a|b side by side: direction ab
-    reads the left half, ba the right one, swapped for a model trained with data.swap_ab."""
+def source_domain(manifest: dict, generator: GeneratorArtifact, uri: str = "") -> tuple[str, str | None]:
+    """(stored domain, half) the generator reads: aligned rows hold a|b side by side
+    (`GeneratorArtifact.reads_half`); otherwise its input domain."""
     domains = manifest["domains"]
+    direction = generator.direction
     if "ab" in domains:
-        return "ab", "left" if (direction == "ab") != swap_ab else "right"
+        return "ab", generator.reads_half()
     domain = direction[0]
     if domain not in domains:
         raise ValueError(f"dataset {storage.public_uri(uri)} has domains {sorted(domains)}, none is the "

@@ -20,7 +20,7 @@ def run(job: Job, source: Source, options: RunOptions | None = None) -> dict:
 
     The manifest is committed after each completed block (at most every `options.commit_every_s`)."""
     options = options or RunOptions()
-    job.settings.check(job.payload.model_name, job.samples)
+    job.settings.check(job.generator.model_name, job.samples)
     started, outputs = now(), Outputs(job.output, job.endpoint)
     work = resolve(job, source)  # complete before the folder is opened: its key filters the manifest
     outputs.open(work, _header(work, source), options.overwrite)
@@ -51,8 +51,8 @@ def run(job: Job, source: Source, options: RunOptions | None = None) -> dict:
 
 def _header(work: Work, source: Source) -> dict:
     job = work.job
-    return {"job_key": work.key, "model": {**asdict(job.payload.info), "type": job.payload.model_name,
-                                          "direction": job.payload.direction, "size": job.payload.size},
+    return {"job_key": work.key, "model": {**asdict(job.info), "type": job.generator.model_name,
+                                          "direction": job.generator.direction, "size": job.generator.size},
             "settings": {**asdict(job.settings), "samples": job.samples},
             "input": storage.public_uri(source.uri) if source.uri else None, "format": job.settings.format}
 

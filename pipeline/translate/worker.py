@@ -24,7 +24,7 @@ class BatchTranslator:
     def __init__(self, work: Work):
         job = work.job
         self.work, self.job, self.lineage = work, job, work.lineage()
-        self.translator = Translator(job.payload, job.device, job.settings.bn_mode, job.bf16,
+        self.translator = Translator(job.generator, job.device, job.settings.bn_mode, job.bf16,
                                      job.settings.dropout)
         self.pool = ThreadPoolExecutor(job.io_workers) if job.io_workers > 1 else None
 
