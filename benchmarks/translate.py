@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from models import MODELS
-from pipeline import translate
+from pipeline import launch, translate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -216,6 +216,7 @@ def io_rate(args, payload, batch: int) -> float:
 
 
 def main(argv=None) -> None:
+    launch.quiet()  # telemetry off before anything imports mlflow
     args = parse_args(argv)
     core(args) if args.core else compare(args)
 

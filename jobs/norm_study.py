@@ -84,6 +84,7 @@ def table(results: dict) -> dict:
 
 
 def main(argv=None) -> int:
+    launch.quiet()  # telemetry off before anything imports mlflow
     from pipeline.tracking import Tracker, create_run
 
     args = parse_args(argv)

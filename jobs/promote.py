@@ -19,6 +19,7 @@ import os
 import sys
 import time
 
+from pipeline import launch
 from pipeline.run_config import DEFAULT_HOME
 
 PROMOTION_TAG = "transmute.promotion"
@@ -94,6 +95,7 @@ def tracking_uri(args) -> str:
 
 
 def main(argv=None) -> int:
+    launch.quiet()  # telemetry off before anything imports mlflow
     from pipeline import registry
 
     args = parse_args(argv)

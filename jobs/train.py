@@ -21,7 +21,7 @@ import time
 STARTED = time.time()  # a --minutes budget counts from here, start-up included
 
 from jobs.recipes import RECIPES, recipe  # noqa: E402
-from pipeline import storage  # noqa: E402
+from pipeline import launch, storage  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
 from pipeline.launch import ensure_dataset, mark_failed, name_run, start_tracking, train  # noqa: E402
 from pipeline.run_config import RunConfig, override, resolve_paths, to_json  # noqa: E402
@@ -84,6 +84,7 @@ def load_config_file(path: str) -> RunConfig:
 
 
 def main(argv=None) -> int:
+    launch.quiet()  # telemetry off before anything imports mlflow
     args = parse_args(argv)
     try:
         cfg = build_config(args)

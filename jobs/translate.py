@@ -30,7 +30,7 @@ import os
 import shlex
 import sys
 
-from pipeline import storage
+from pipeline import launch, storage
 from pipeline.launch import init_ray
 from pipeline.run_config import DEFAULT_HOME
 
@@ -158,6 +158,7 @@ def exit_status(record: dict, strict: bool) -> int:
 
 
 def main(argv=None) -> int:
+    launch.quiet()  # telemetry off before anything imports mlflow
     from pipeline.registry import ModelNotFound
     from pipeline.translate import OutputError, RunOptions, Source, load_model, run
 

@@ -20,7 +20,7 @@ import sys
 import time
 
 from jobs.recipes import RECIPES, recipe
-from pipeline import search, storage
+from pipeline import launch, search, storage
 from pipeline.config import ConfigError
 from pipeline.launch import ensure_dataset, init_ray, training_cpus, with_tracking_uri
 from pipeline.run_config import RunConfig, override, resolve_paths, to_json
@@ -301,6 +301,7 @@ def run(args) -> dict:
 
 
 def main(argv=None, defaults: dict | None = None) -> int:
+    launch.quiet()  # telemetry off before anything imports mlflow
     try:
         args = parse_args(argv, defaults)
         run(args)

@@ -19,6 +19,15 @@ from pipeline.run_config import RunConfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (or --working-dir)
 DATASETS = os.environ.get("TRANSMUTE_DATASETS", os.path.join(os.path.dirname(ROOT), "shared", "datasets"))
 
+# Telemetry stays off unless a user opts in (e.g. MLFLOW_DISABLE_TELEMETRY=false): MLflow starts its
+# telemetry client when it is first imported, so entry points call `quiet()` before anything does.
+QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0", "DO_NOT_TRACK": "1"}
+
+
+def quiet() -> None:
+    for key, value in QUIET.items():
+        os.environ.setdefault(key, value)
+
 
 # ----------------------------------------------------------------------------- data
 

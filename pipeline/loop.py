@@ -299,13 +299,16 @@ def ray_trainer(cfg, make_tracker=open_tracker, make_evaluator=build_evaluator):
 
 
 def forwarded_env(cfg) -> dict:
-    """The driver's S3 settings (AWS_*), for workers that read data or write checkpoints on s3://.
+    """The driver's telemetry settings, and its S3 settings (AWS_*) for workers that read data or
+    write checkpoints on s3://.
     Ray workers otherwise see the raylet's environment, which may predate these settings."""
     from pipeline import storage
+    from pipeline.launch import QUIET
 
+    quiet = {k: os.environ[k] for k in QUIET if k in os.environ}  # the driver's telemetry choice
     if not (storage.is_s3(cfg.data.path) or storage.is_s3(cfg.storage.path)):
-        return {}
-    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+        return quiet
+    return {**quiet, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
 
 
 def run_plain(cfg, device=None, make_tracker=open_tracker, make_evaluator=build_evaluator) -> dict:

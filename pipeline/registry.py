@@ -9,10 +9,6 @@ metrics are `pipeline.tracking`'s.
 """
 
 import os
-
-# Before mlflow is first imported (see pipeline.tracking): no telemetry unless a user opts in.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path

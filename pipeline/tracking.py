@@ -11,14 +11,9 @@ Where runs go (`resolve_tracking_uri`): an explicit URI, else $MLFLOW_TRACKING_U
 embedded SQLite store `<home>/mlflow.db` with artifacts under `<home>/mlartifacts/<experiment>`.
 """
 
-import os
-
-# Before mlflow is first imported: it starts its telemetry client at import time. A user may opt
-# in with MLFLOW_DISABLE_TELEMETRY=false. (MLflow reads DO_NOT_TRACK only as "true", not "1".)
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
 import logging
 import math
+import os
 import posixpath
 import tempfile
 import time

@@ -1,7 +1,12 @@
 import pytest
 import torch
-from fixtures_data import *  # noqa: F401,F403
-from mlflow_server import *  # noqa: F401,F403
+
+from pipeline import launch
+
+launch.quiet()  # telemetry off before any test imports mlflow (the entry points do the same)
+
+from fixtures_data import *  # noqa: E402,F401,F403
+from mlflow_server import *  # noqa: E402,F401,F403
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,9 @@ and the embedded store."""
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -256,3 +259,14 @@ def test_embedded_default_store(tmp_path, monkeypatch):
     model_dir = next((home / "mlartifacts" / "facades" / "models").glob("*/artifacts"))
     assert torch.equal(served(load(str(model_dir))[0], x), net(x).detach())  # a local dir
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]  # no ./mlruns, no ./mlflow.db
+
+
+def test_importing_the_mlflow_modules_changes_no_environment():
+    """Telemetry is switched off by the entry points (pipeline.launch.quiet), not as a side effect
+    of importing a library module."""
+    code = ("import os; os.environ.pop('MLFLOW_DISABLE_TELEMETRY', None); before = dict(os.environ); "
+            "import pipeline.tracking, pipeline.registry, pipeline.served_generator; "
+            "print(sorted(set(os.environ.items()) ^ set(before.items())))")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_DISABLE_TELEMETRY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
