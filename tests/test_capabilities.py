@@ -22,7 +22,7 @@ from models.layers import set_requires_grad
 from pipeline import checkpoint as ckpt
 from pipeline.evaluation import Evaluator
 from pipeline.loop import run_plain
-from pipeline.translate import load_manifest
+from pipeline.translate import load_output_index
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_a_sixth_model_trains_evaluates_and_translates_with_one_registry_line(to
     args = ["--model", folder, "--input", facades_small_dst, "--split", "test", "--output", out,
             "--samples", 2, "--no-ray", "--no-progress"]
     assert translate_job.main([str(a) for a in args]) == 0
-    entries = list(load_manifest(str(out))["entries"].values())
+    entries = list(load_output_index(str(out))["entries"].values())
     inputs = len(os.listdir(REPO / "tests" / "assets" / "facades_small" / "test"))
     assert len(entries) == 2 * inputs and {e["model_type"] for e in entries} == {"toygan"}
     assert {e["sample"] for e in entries} == {0, 1} and all(e["file"].endswith(f"_s{e['sample']}.png")

@@ -168,7 +168,7 @@ def test_no_ray_job_translates_a_batch_norm_model_per_image(tmp_path):
     inputs = photo_folder(tmp_path / "in", n=3)
     out = tmp_path / "out"
     assert run_cli("--model", model, "--size", 32, "--input", inputs, "--output", out, "--no-ray") == 0
-    manifest = translate.load_manifest(str(out))
+    manifest = translate.load_output_index(str(out))
     assert {e["bn_mode"] for e in manifest["entries"].values()} == {"per_image"}
     alone = Translator(replace(payload, size=32), bn_mode="train")  # batch norm on one image at a time
     for entry in manifest["entries"].values():
@@ -200,14 +200,14 @@ def test_bicyclegan_samples_per_input_with_recorded_z(tmp_path):
     out = tmp_path / "out"
     assert run_cli("--model", model, "--size", 32, "--input", inputs, "--output", out, "--samples", 3,
                    "--no-ray") == 0
-    entries = translate.load_manifest(str(out))["entries"]
+    entries = translate.load_output_index(str(out))["entries"]
     assert sorted(e["file"] for e in entries.values()) == sorted(
         f"{i:02d}_s{k}.png" for i in range(3) for k in range(3))
     assert len({e["z_seed"] for e in entries.values()}) == 9
     assert all(k == f"{e['input_sha256']}/{e['sample']}" for k, e in entries.items())
     assert run_cli("--model", model, "--size", 32, "--input", inputs, "--output", out, "--samples", 4,
                    "--no-ray") == 0  # one more sample per input: only those are made
-    runs = translate.load_manifest(str(out))["runs"]
+    runs = translate.load_output_index(str(out))["runs"]
     assert runs[-1]["counts"]["translated"] == 3 and runs[-1]["counts"]["done_before"] == 9
 
 
@@ -216,7 +216,7 @@ def test_cogan_generates_numbered_pairs_incrementally(tmp_path):
     out = tmp_path / "out"
     assert run_cli("--model", model, "--pairs", 3, "--output", out, "--no-ray") == 0
     assert run_cli("--model", model, "--pairs", 5, "--output", out, "--no-ray") == 0
-    manifest = translate.load_manifest(str(out))
+    manifest = translate.load_output_index(str(out))
     assert sorted(outputs_on_disk(out)) == [f"pair-{i:06d}.png" for i in range(5)]
     assert manifest["runs"][-1]["counts"]["translated"] == 2
     with Image.open(out / "pair-000004.png") as img:
@@ -238,11 +238,11 @@ def test_new_weights_redo_the_folder_and_strays_are_cleaned(tmp_path):
     assert not (out / "stray.png").exists() and not (out / "more" / ".03.png.tmp-0123abcd").exists()
     assert (out / "README.txt").exists()
     assert run_cli("--model", second, *args) == 0
-    manifest = translate.load_manifest(str(out))
+    manifest = translate.load_output_index(str(out))
     assert manifest["runs"][-1]["counts"]["translated"] == 4
     assert {e["model_key"] for e in manifest["entries"].values()} == {manifest["model"]["key"]}
     assert run_cli("--model", second, *args, "--overwrite") == 0
-    assert translate.load_manifest(str(out))["runs"][-1]["counts"]["translated"] == 4
+    assert translate.load_output_index(str(out))["runs"][-1]["counts"]["translated"] == 4
     back = tmp_path / "back"  # an output folder is itself an input folder (its manifest is ignored)
     assert run_cli("--model", first, "--size", 32, "--input", out, "--output", back, "--no-ray") == 0
     assert outputs_on_disk(back) == outputs_on_disk(out) - {"README.txt"}
@@ -257,9 +257,9 @@ def test_aligned_dataset_rerun_translates_nothing(tmp_path, facades_small_dst):
             "--no-ray"]
     assert run_cli(*args) == 0
     first = {f: (out / f).read_bytes() for f in outputs_on_disk(out)}
-    assert len(first) == 8 and translate.load_manifest(str(out))["runs"][-1]["counts"]["translated"] == 8
+    assert len(first) == 8 and translate.load_output_index(str(out))["runs"][-1]["counts"]["translated"] == 8
     assert run_cli(*args) == 0
-    manifest = translate.load_manifest(str(out))
+    manifest = translate.load_output_index(str(out))
     assert manifest["runs"][-1]["counts"]["translated"] == 0
     assert manifest["runs"][-1]["counts"]["done_before"] == 8
     assert {f: (out / f).read_bytes() for f in outputs_on_disk(out)} == first
@@ -277,7 +277,7 @@ def test_rerun_over_an_output_folder_from_before_the_artifact_skips_everything(t
     args = ["--model", old / "model", "--size", 32, "--input", facades_small_dst, "--split", "test",
             "--output", out, "--no-ray", "--no-keep-size"]
     assert run_cli(*args) == 0
-    manifest = translate.load_manifest(str(out))
+    manifest = translate.load_output_index(str(out))
     assert manifest["runs"][-1]["counts"]["translated"] == 0
     assert manifest["runs"][-1]["counts"]["done_before"] == 8
     assert {f: (out / f).read_bytes() for f in outputs_on_disk(out)} == before
@@ -299,7 +299,7 @@ def test_s3_folder_in_and_out_incrementally(s3_env, tmp_path):
     storage.write_bytes(f"{bucket}/out/.x.png.tmp-0123abcd", b"a killed run's temp object")
     storage.write_bytes(f"{bucket}/in/02.jpg", (local / "02.jpg").read_bytes())
     assert run_cli(*args) == 0
-    manifest = translate.load_manifest(f"{bucket}/out")
+    manifest = translate.load_output_index(f"{bucket}/out")
     assert manifest["runs"][-1]["counts"]["translated"] == 1
     files = {e["file"] for e in manifest["entries"].values()}
     assert files == {"00.png", "01.png", "02.png"}
@@ -334,7 +334,7 @@ def test_registered_model_translates_a_folder_twice_on_ray(tracking_env, photos,
     out = tmp_path / "out"
     args = ["--model", f"{NAME}/1", "--input", photos, "--output", out, "--actors", 2, "--batch-size", 4]
     assert run_cli(*args) == 0
-    manifest = translate.load_manifest(str(out))
+    manifest = translate.load_output_index(str(out))
     entries = manifest["entries"]
     expected = {str(p.relative_to(photos).with_suffix(".png")) for p in photos.rglob("*.jpg")}
     expected.discard("broken.png")
@@ -351,7 +351,7 @@ def test_registered_model_translates_a_folder_twice_on_ray(tracking_env, photos,
     mtimes = {f: (out / f).stat().st_mtime_ns for f in expected}
 
     assert run_cli(*args) == 0  # nothing new: nothing translated, nothing rewritten
-    again = translate.load_manifest(str(out))
+    again = translate.load_output_index(str(out))
     assert again["entries"] == entries and again["runs"][-1]["counts"]["translated"] == 0
     assert again["runs"][-1]["counts"]["done_before"] == len(expected)
     assert {f: (out / f).stat().st_mtime_ns for f in outputs_on_disk(out)} == mtimes
@@ -370,18 +370,18 @@ def test_killed_run_completes_with_exactly_one_output_per_input(tracking_env, tm
     while listed < 2 and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
         try:
-            listed = len(translate.load_manifest(str(out))["entries"])
+            listed = len(translate.load_output_index(str(out))["entries"])
         except (FileNotFoundError, json.JSONDecodeError):
             pass
     assert job.poll() is None, f"the job ended before it could be killed: {job.stderr.read()[-2000:]}"
     os.kill(job.pid, signal.SIGKILL)
     job.wait(10)
     job.stderr.close()
-    listed = len(translate.load_manifest(str(out))["entries"])
+    listed = len(translate.load_output_index(str(out))["entries"])
     assert 2 <= listed < 32
 
     assert run_cli(*args[:-1]) == 0
-    manifest = translate.load_manifest(str(out))
+    manifest = translate.load_output_index(str(out))
     files = [e["file"] for e in manifest["entries"].values()]
     assert len(files) == len(set(files)) == 32 and set(files) == outputs_on_disk(out)
     assert sorted(e["input_id"] for e in manifest["entries"].values()) == sorted(
@@ -425,7 +425,7 @@ def test_promotion_gates_production_and_jobs_translate_with_it(tracking_env, tmp
     tag = json.loads(client.get_model_version(NAME, "1").tags[promote.PROMOTION_TAG])
     assert tag["alias"] == "production" and tag["values"]["test/psnr_ab"] > 1
     assert run_cli(*job) == 0
-    entries = translate.load_manifest(str(tmp_path / "out"))["entries"].values()
+    entries = translate.load_output_index(str(tmp_path / "out"))["entries"].values()
     assert {(e["model_version"], e["model_uri"]) for e in entries} == {("1", f"models:/{NAME}@production")}
 
 

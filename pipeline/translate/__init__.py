@@ -16,20 +16,22 @@ Three layers, so that the core also runs where Ray does not (a bare GPU box, the
   (an aligned dataset adds the half the model reads) into a frozen `job.Work` whose key is final
   before the output folder is opened; `planning.plan` lists the inputs (a Parquet dataset made by
   prepare_data.py, or a folder of images read as ingest would read them; local or s3://), hashes
-  them and keeps only the (input, sample) pairs the output manifest does not list yet;
+  them and keeps only the (input, sample) pairs the output index does not list yet;
   `worker.BatchTranslator` reads, decodes, translates, encodes and writes one batch and returns a
   lineage entry per output; `runner.run` feeds it in this process or through Ray Data
   (`ray_runner`: `map_batches` over an actor pool, one generator per actor) and commits the
-  manifest after each block;
+  output index after each block;
 - the output folder (`outputs.Outputs`): PNG or JPEG files named after their inputs (subfolders
   kept; BicycleGAN adds `_s<k>` per sample, CoGAN writes `pair-NNNNNN` with a|b side by side), or
-  Parquet shards, and `_manifest.json`, which maps "<input sha256>/<sample>" to the output and its
-  lineage (model name, version, run id, input id and sha256, direction, z seed, sample).
+  Parquet shards, and the output index `_manifest.json` (named apart from a dataset's manifest in
+  the code; the file keeps its name for existing folders), which maps "<input sha256>/<sample>"
+  to the output and its lineage (model name, version, run id, input id and sha256, direction,
+  z seed, sample).
 
 Why a rerun is safe: every output is written atomically (temp name then rename; an S3 object
-appears whole) and enters the manifest only once it exists; the manifest is replaced atomically
-too. Each run first makes the folder agree with its manifest: entries made by another model
-version or other settings are dropped (that model's outputs are redone), and files the manifest
+appears whole) and enters the output index only once it exists; the index is replaced
+atomically too. Each run first makes the folder agree with its output index: entries made by another model
+version or other settings are dropped (that model's outputs are redone), and files the output index
 does not list (what a killed run wrote after its last commit) are removed. So a killed run leaves
 only complete files, the rerun redoes exactly what is unlisted, and every listed (input, sample)
 has exactly one output. Inputs that cannot be decoded are listed under "rejected" by sha256 and
@@ -45,11 +47,11 @@ from pipeline.translate.job import FORMATS, Z_MODES, Job, RunOptions, Settings, 
 from pipeline.translate.model import ModelInfo, load_model, weights_key
 from pipeline.translate.outputs import (
     KIND,
-    MANIFEST,
+    OUTPUT_INDEX,
     RUN_FILE,
     OutputError,
     Outputs,
-    load_manifest,
+    load_output_index,
     read_parquet_outputs,
 )
 from pipeline.translate.planning import Plan, Source, plan, resolve
@@ -57,8 +59,8 @@ from pipeline.translate.runner import run
 from pipeline.translate.worker import BatchTranslator
 
 __all__ = [
-    "BN_MODES", "FORMATS", "KIND", "MANIFEST", "RUN_FILE", "Z_MODES", "BatchTranslator", "GeneratorArtifact",
-    "Job", "ModelInfo", "OutputError", "Outputs", "Plan", "RunOptions", "Settings", "Source", "Task",
-    "Translator", "Work", "decode_input", "encode_output", "latent", "load_manifest", "load_model", "plan",
-    "read_parquet_outputs", "resolve", "run", "weights_key", "z_seed",
+    "BN_MODES", "FORMATS", "KIND", "OUTPUT_INDEX", "RUN_FILE", "Z_MODES", "BatchTranslator",
+    "GeneratorArtifact", "Job", "ModelInfo", "OutputError", "Outputs", "Plan", "RunOptions", "Settings",
+    "Source", "Task", "Translator", "Work", "decode_input", "encode_output", "latent", "load_output_index",
+    "load_model", "plan", "read_parquet_outputs", "resolve", "run", "weights_key", "z_seed",
 ]

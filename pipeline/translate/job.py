@@ -72,7 +72,7 @@ class Job:
 @dataclass(frozen=True)
 class Work:
     """A job made complete by `resolve`: what every worker needs (picklable: Ray sends it to each
-    actor). Its key derives from its frozen fields, so the key the manifest is filtered by when the
+    actor). Its key derives from its frozen fields, so the key the output index is filtered by when the
     folder is opened is the key every output is recorded under."""
 
     job: Job

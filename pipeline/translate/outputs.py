@@ -1,5 +1,6 @@
-"""The output folder: its files and `_manifest.json` (entries by "<input sha256>/<sample>", rejected
-inputs, run records), and the claim that stops a run when a later one takes the folder over."""
+"""The output folder: its files and its output index `_manifest.json` (entries by
+"<input sha256>/<sample>", rejected inputs, run records), and the claim that stops a run when a later
+one takes the folder over."""
 
 import json
 import logging
@@ -17,12 +18,12 @@ from pipeline.translate.job import Work
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "_manifest.json"
+OUTPUT_INDEX = "_manifest.json"  # the file name predates the name: existing folders keep it
 KIND = "transmute.translations"
 RUN_FILE = ".translate-run.json"  # the run writing the folder now (hidden: never taken for an output)
 SCHEMA_VERSION = 1
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".parquet")  # what a run may remove when unlisted
-KEPT_RUNS = 20  # run records kept in the manifest
+KEPT_RUNS = 20  # run records kept in the output index
 
 
 class OutputError(ValueError):
@@ -41,67 +42,67 @@ OUTPUT_SCHEMA = pa.schema([
 
 
 class Outputs:
-    """The output folder and its `_manifest.json`; only the driver writes the manifest."""
+    """The output folder and its `_manifest.json`; only the driver writes the output index."""
 
     def __init__(self, root: str, endpoint: str | None = None):
         self.root, self.endpoint = root, endpoint
-        self.manifest: dict = {}
+        self.index: dict = {}
         self.last_commit = 0.0
         self.token = uuid.uuid4().hex
 
     @property
     def entries(self) -> dict:
-        return self.manifest["entries"]
+        return self.index["entries"]
 
     @property
     def rejected(self) -> dict:
         """input sha256 -> {input_id, reason}: inputs that cannot be decoded are not tried again
         until their content changes (a new sha256)."""
-        return self.manifest["rejected"]
+        return self.index["rejected"]
 
     def open(self, work: Work, header: dict, overwrite: bool = False) -> None:
-        """Load or start the manifest, drop what this work would make differently, commit, and
-        remove every output file the manifest does not list."""
-        self.manifest = self._load() or self._refuse_foreign()
+        """Load or start the output index, drop what this work would make differently, commit, and
+        remove every output file the output index does not list."""
+        self.index = self._load() or self._refuse_foreign()
         claim = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "started": now()}
         storage.write_bytes(self._run_file(), json.dumps(claim).encode(), self.endpoint)
-        old = self.manifest.get("entries", {})
+        old = self.index.get("entries", {})
         kept = {} if overwrite else {k: e for k, e in old.items() if e.get("job_key") == work.key}
         if len(kept) < len(old):
             log.info("%d earlier outputs were made %s: redoing them", len(old) - len(kept),
                      "before --overwrite" if overwrite else "by another model version or other settings")
-        rejected = {} if overwrite else {k: r for k, r in self.manifest.get("rejected", {}).items()
+        rejected = {} if overwrite else {k: r for k, r in self.index.get("rejected", {}).items()
                                          if r.get("job_key") == work.key}
-        self.manifest = {"schema_version": SCHEMA_VERSION, "kind": KIND, **header, "entries": kept,
-                         "rejected": rejected, "runs": self.manifest.get("runs", [])}
+        self.index = {"schema_version": SCHEMA_VERSION, "kind": KIND, **header, "entries": kept,
+                         "rejected": rejected, "runs": self.index.get("runs", [])}
         self.commit()
         self.clean()
 
     def _load(self) -> dict | None:
-        uri = storage.join(self.root, MANIFEST)
+        uri = storage.join(self.root, OUTPUT_INDEX)
         if not storage.is_file(uri, self.endpoint):
             return None
-        manifest = json.loads(storage.read_bytes(uri, self.endpoint))
-        if (manifest.get("kind"), manifest.get("schema_version")) != (KIND, SCHEMA_VERSION):
-            raise OutputError(f"{storage.public_uri(uri)} is not a translation manifest of schema "
+        index = json.loads(storage.read_bytes(uri, self.endpoint))
+        if (index.get("kind"), index.get("schema_version")) != (KIND, SCHEMA_VERSION):
+            raise OutputError(f"{storage.public_uri(uri)} is not a translation output index of schema "
                               f"{SCHEMA_VERSION}: choose another --output")
-        return manifest
+        return index
 
     def _refuse_foreign(self) -> dict:
-        """A folder without our manifest must be empty: the clean-up would remove files in it."""
+        """A folder without our output index must be empty: the clean-up would remove files in it."""
         files = visible_files(self.root, self.endpoint)
         if files:
             raise OutputError(f"--output {storage.public_uri(self.root)} holds {len(files)} files (e.g. "
-                              f"{files[0]}) but no {MANIFEST}: it is not a translation output; choose an "
+                              f"{files[0]}) but no {OUTPUT_INDEX}: it is not a translation output; choose an "
                               "empty or new folder")
         return {}
 
     def clean(self) -> list[str]:
-        """Remove output and temp files that the manifest does not list (a killed run's leftovers,
+        """Remove output and temp files that the output index does not list (a killed run's leftovers,
         outputs of dropped entries); returns them."""
         listed = {e["file"] for e in self.entries.values()}
         stray = [f for f in storage.list_files(self.root, self.endpoint)
-                 if f != MANIFEST and f not in listed
+                 if f != OUTPUT_INDEX and f not in listed
                  and (f.lower().endswith(OUTPUT_SUFFIXES) or data.TEMP_NAME.search(f))]
         for rel in stray:
             storage.remove(storage.join(self.root, rel), self.endpoint)
@@ -118,12 +119,12 @@ class Outputs:
                 self.rejected[entry["input_sha256"]] = reason
 
     def commit(self, every_s: float = 0.0) -> None:
-        """Replace the manifest atomically (at most once per `every_s` seconds)."""
+        """Replace the output index atomically (at most once per `every_s` seconds)."""
         if time.monotonic() - self.last_commit < every_s:
             return
         self._check_claim()
-        blob = json.dumps(self.manifest, indent=1, sort_keys=True).encode()
-        storage.write_bytes(storage.join(self.root, MANIFEST), blob, self.endpoint)
+        blob = json.dumps(self.index, indent=1, sort_keys=True).encode()
+        storage.write_bytes(storage.join(self.root, OUTPUT_INDEX), blob, self.endpoint)
         self.last_commit = time.monotonic()
 
     def _run_file(self) -> str:
@@ -139,22 +140,22 @@ class Outputs:
                               "this run stops")
 
     def record_run(self, record: dict) -> None:
-        self.manifest["runs"] = (self.manifest.get("runs", []) + [record])[-KEPT_RUNS:]
+        self.index["runs"] = (self.index.get("runs", []) + [record])[-KEPT_RUNS:]
         self.commit()
         self.clean()  # Parquet shards whose every row was redone
 
 
-def load_manifest(root: str, endpoint: str | None = None) -> dict:
-    """The manifest of a translation output (FileNotFoundError if there is none)."""
-    uri = storage.join(root, MANIFEST)
+def load_output_index(root: str, endpoint: str | None = None) -> dict:
+    """The output index of a translation output folder (FileNotFoundError if there is none)."""
+    uri = storage.join(root, OUTPUT_INDEX)
     if not storage.is_file(uri, endpoint):
-        raise FileNotFoundError(f"no {MANIFEST} in {storage.public_uri(root)}: not a translation output")
+        raise FileNotFoundError(f"no {OUTPUT_INDEX} in {storage.public_uri(root)}: not a translation output")
     return json.loads(storage.read_bytes(uri, endpoint))
 
 
 def read_parquet_outputs(root: str, endpoint: str | None = None) -> pa.Table:
     """The listed rows of a Parquet translation output (unlisted rows of old shards left out)."""
-    entries = load_manifest(root, endpoint)["entries"]
+    entries = load_output_index(root, endpoint)["entries"]
     tables = []
     for shard in sorted({e["file"] for e in entries.values()}):
         fs, path = storage.arrow_filesystem(storage.join(root, shard), endpoint)

@@ -1,6 +1,6 @@
 """Planning: `resolve` completes the job from its input before the output folder is opened (so
-the key the manifest is filtered by is final), and `plan` lists the inputs, hashes them and keeps
-the (input, sample) pairs the manifest does not list yet."""
+the key the output index is filtered by is final), and `plan` lists the inputs, hashes them and keeps
+the (input, sample) pairs the output index does not list yet."""
 
 import json
 import os
@@ -61,7 +61,7 @@ class Plan:
 
 
 def plan(work: Work, source: Source, done: dict, rejected: dict | None = None, pairs: int = 0) -> Plan:
-    """The inputs and samples that `done` (the manifest's entries) does not list yet, leaving out
+    """The inputs and samples that `done` (the output index's entries) does not list yet, leaving out
     inputs `rejected` before (by sha256)."""
     kind = source.kind()
     shards, ignored = [], []

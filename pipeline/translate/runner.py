@@ -1,4 +1,4 @@
-"""Running a job: the driver (`run`: resolve, open the folder, plan, feed, commit the manifest
+"""Running a job: the driver (`run`: resolve, open the folder, plan, feed, commit the output index
 after each block) and the local runner, which feeds batches in this process without Ray."""
 
 from collections.abc import Iterator
@@ -22,7 +22,7 @@ def run(job: Job, source: Source, options: RunOptions | None = None) -> dict:
     options = options or RunOptions()
     job.settings.check(job.generator.model_name, job.samples)
     started, outputs = now(), Outputs(job.output, job.endpoint)
-    work = resolve(job, source)  # complete before the folder is opened: its key filters the manifest
+    work = resolve(job, source)  # complete before the folder is opened: its key filters the output index
     outputs.open(work, _header(work, source), options.overwrite)
     todo = plan(work, source, outputs.entries, outputs.rejected, options.pairs)
     work = replace(work, tasks=todo.tasks)  # tasks are no part of the key
