@@ -21,23 +21,25 @@ HASH_THREADS = 16  # hashing folder inputs waits on reads (S3), not on the CPU
 class Source:
     """Where the inputs are: a Parquet dataset (has prepare_data's _manifest.json) or a folder."""
 
-    uri: str | None  # None: CoGAN generates without inputs
+    data_path: str | None  # a dataset or a folder of images; None: a generator from z needs no inputs
     splits: tuple[str, ...] = ()  # dataset: which splits (all when empty)
     endpoint: str | None = None
 
     def kind(self) -> str:
-        if self.uri is None:
+        if self.data_path is None:
             return "none"
-        if storage.is_file(storage.join(self.uri, data.MANIFEST), self.endpoint):
-            manifest = json.loads(storage.read_bytes(storage.join(self.uri, data.MANIFEST), self.endpoint))
+        where, index = storage.public_uri(self.data_path), storage.join(self.data_path, data.MANIFEST)
+        if storage.is_file(index, self.endpoint):
+            manifest = json.loads(storage.read_bytes(index, self.endpoint))
             if manifest.get("kind") != KIND:
                 return "parquet"
             if manifest.get("format") == "parquet":  # our own output: its images are in shards
-                raise ValueError(f"--input {storage.public_uri(self.uri)} is a Parquet translation output; "
+                raise ValueError(f"--input {where} is a Parquet translation output; "
                                  "translate from PNG/JPEG outputs or a prepare_data.py dataset instead")
             return "folder"  # our own PNG/JPEG output: a folder of images (translating back, chaining)
-        if not storage.exists(self.uri, self.endpoint) or storage.is_file(self.uri, self.endpoint):
-            raise FileNotFoundError(f"--input {storage.public_uri(self.uri)} is not a folder of images or a "
+        path = self.data_path
+        if not storage.exists(path, self.endpoint) or storage.is_file(path, self.endpoint):
+            raise FileNotFoundError(f"--input {where} is not a folder of images or a "
                                     "dataset made by prepare_data.py (no such folder)")
         return "folder"
 
@@ -47,8 +49,8 @@ def resolve(job: Job, source: Source) -> Work:
     each row the model reads is part of what the outputs depend on (and so of the key)."""
     half = None
     if source.kind() == "parquet":
-        manifest = data.read_manifest(source.uri, source.endpoint)
-        half = source_domain(manifest, job.generator, source.uri)[1]
+        manifest = data.read_manifest(source.data_path, source.endpoint)
+        half = source_domain(manifest, job.generator, source.data_path)[1]
     return Work(job, half)
 
 
@@ -90,9 +92,9 @@ def plan(work: Work, source: Source, done: dict, rejected: dict | None = None, p
 
 def _folder_inputs(source: Source) -> tuple[list[tuple], list[str]]:
     """(id, sha256, uri) of every image in the folder, hashed on a thread pool; other files ignored."""
-    files = visible_files(source.uri, source.endpoint)
+    files = visible_files(source.data_path, source.endpoint)
     wanted = [f for f in files if images.is_image_name(f)]
-    uris = [storage.join(source.uri, f) for f in wanted]
+    uris = [storage.join(source.data_path, f) for f in wanted]
 
     def digest(uri: str) -> str | None:
         try:
@@ -106,14 +108,15 @@ def _folder_inputs(source: Source) -> tuple[list[tuple], list[str]]:
 
 
 def _dataset_inputs(source: Source, generator: GeneratorArtifact) -> tuple[list[tuple], list[str]]:
-    manifest = data.read_manifest(source.uri, source.endpoint)
-    domain, _ = source_domain(manifest, generator, source.uri)
+    manifest = data.read_manifest(source.data_path, source.endpoint)
+    domain, _ = source_domain(manifest, generator, source.data_path)
     splits = list(source.splits) or sorted(s for s, counts in manifest["counts"].items() if domain in counts)
     shards = []
     for split in splits:
         if domain not in data.split_counts(manifest, split):
-            raise ValueError(f"split {split!r} of {storage.public_uri(source.uri)} has no domain {domain!r}")
-        shards += data.shard_uris(manifest, source.uri, split, domain)
+            where = storage.public_uri(source.data_path)
+            raise ValueError(f"split {split!r} of {where} has no domain {domain!r}")
+        shards += data.shard_uris(manifest, source.data_path, split, domain)
     inputs = []
     for uri in shards:
         fs, path = storage.arrow_filesystem(uri, source.endpoint)

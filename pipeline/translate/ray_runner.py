@@ -15,7 +15,7 @@ def ray_batches(work: Work, source: Source, the_plan: Plan, options: RunOptions)
     import ray.data
 
     if the_plan.shards:  # data.ray_dataset reads a whole split; only the shards with work are read here
-        fs, _ = storage.arrow_filesystem(source.uri, source.endpoint)
+        fs, _ = storage.arrow_filesystem(source.data_path, source.endpoint)
         paths = [storage.arrow_filesystem(u, source.endpoint)[1] for u in the_plan.shards]
         ds = ray.data.read_parquet(paths, filesystem=fs, columns=["id", "sha256", "image"],
                                    partitioning=None, file_extensions=None)

@@ -54,7 +54,8 @@ def _header(work: Work, source: Source) -> dict:
     return {"job_key": work.key, "model": {**asdict(job.info), "type": job.generator.model_name,
                                           "direction": job.generator.direction, "size": job.generator.size},
             "settings": {**asdict(job.settings), "samples": job.samples},
-            "input": storage.public_uri(source.uri) if source.uri else None, "format": job.settings.format}
+            "input": storage.public_uri(source.data_path) if source.data_path else None,
+            "format": job.settings.format}
 
 
 def _local_batches(work: Work, source: Source, the_plan: Plan, _: RunOptions) -> Iterator[list[dict]]:
