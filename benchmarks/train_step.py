@@ -382,7 +382,7 @@ def loop_config(args, mode: str, reader: str):
     cfg = rc.make_config(
         "cyclegan", recipe="bench-train-step", data=data, scaling=scaling,
         train=rc.TrainSettings(steps=total, batch_size=args.batch, log_every=1),
-        eval=rc.EvalSettings(every=0, max_images=4, samples=2, label_domain=""),
+        eval=rc.EvalSettings(every=0, max_images=4, grid_rows=2, label_domain=""),
         checkpoint=rc.CheckpointSettings(every=total, keep=1),
         storage=rc.StorageSettings(path=os.path.join(args.workdir, "runs")),
         tracking=rc.TrackingSettings(run_name=f"bench-{mode}-{os.getpid()}", register=False),

@@ -13,19 +13,10 @@ import time
 
 import torch
 
+from pipeline import run_config as rc
 from pipeline.data import IngestOptions, ingest
 from pipeline.evaluation import save_png, to_rgb
 from pipeline.loop import run_plain
-from pipeline.run_config import (
-    CheckpointSettings,
-    DataSettings,
-    EvalSettings,
-    StorageSettings,
-    TrackingSettings,
-    TrainSettings,
-    make_config,
-    resolve_paths,
-)
 from pipeline.session import NullTracker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo: its sample and demo_out
@@ -62,15 +53,15 @@ class DemoTracker(NullTracker):
 def demo_config(args, data: str):
     """The demo's run: CycleGAN at 16/16 widths, 3 blocks; losses every 10 steps, evaluation and
     grids every --every steps (4 test images), one checkpoint kept; a fresh run name each time."""
-    cfg = make_config(
-        "cyclegan", recipe="demo", data=DataSettings(path=data, crop_size=args.size, reader="local"),
-        train=TrainSettings(steps=args.steps, batch_size=args.batch_size, log_every=10),
-        eval=EvalSettings(every=args.every, max_images=4, samples=4, label_domain=""),
-        checkpoint=CheckpointSettings(every=0, keep=1),
-        storage=StorageSettings(path=os.path.join(args.out, "runs")),
-        tracking=TrackingSettings(run_name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}"),
+    cfg = rc.make_config(
+        "cyclegan", recipe="demo", data=rc.DataSettings(path=data, crop_size=args.size, reader="local"),
+        train=rc.TrainSettings(steps=args.steps, batch_size=args.batch_size, log_every=10),
+        eval=rc.EvalSettings(every=args.every, max_images=4, grid_rows=4, label_domain=""),
+        checkpoint=rc.CheckpointSettings(every=0, keep=1),
+        storage=rc.StorageSettings(path=os.path.join(args.out, "runs")),
+        tracking=rc.TrackingSettings(run_name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}"),
         home=os.path.join(args.out, "home"))
-    return resolve_paths(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, ngf=16, ndf=16,
+    return rc.resolve_paths(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, ngf=16, ndf=16,
                                                                              n_blocks=3)))
 
 
