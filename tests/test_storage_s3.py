@@ -60,7 +60,7 @@ def test_ingest_to_s3_and_read_back_locally_and_with_ray(
     assert listed == sorted([data.MANIFEST, *(s["path"] for s in manifest["shards"])])
     spec = data.ReadSpec(dst, "train", 100, load_size=72, crop_size=64, seed=3)
     from_s3 = next(iter(data.LocalReader(spec, world_size=2, rank=1)))
-    on_disk = dataclasses.replace(spec, path=facades_small_dst)
+    on_disk = dataclasses.replace(spec, data_path=facades_small_dst)
     from_disk = next(iter(data.LocalReader(on_disk, world_size=2, rank=1)))
     assert torch.equal(from_s3["a"], from_disk["a"]) and torch.equal(from_s3["b"], from_disk["b"])
     rows = data.augmented_dataset(spec, world_size=2, rank=1).take_all()
