@@ -175,7 +175,9 @@ def test_asha_stops_the_clearly_worse_trial_and_releases_its_cpus(
 @pytest.mark.integration
 def test_pbt_exploit_continues_from_the_donors_step(facades_small_dst, ray_cluster, home, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = common(facades_small_dst, uri, "pbt", steps=8, every=2) + [
+    # 20 steps, a report every 2: ten chances for the worse trial to be exploited, since asynchronous
+    # PBT decides on the reports as they interleave (8 steps once gave none on a loaded machine)
+    args = common(facades_small_dst, uri, "pbt", steps=20, every=2) + [
         "--space",
         "optim.lr=loguniform:1e-5:1e-3",
         "model.lambda_a=uniform:100:1000",
