@@ -15,12 +15,10 @@ MLflow: --tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///<home>/mlflow.
 
 import argparse
 import json
-import os
 import sys
 import time
 
 from pipeline import launch
-from pipeline.run_config import DEFAULT_HOME
 
 PROMOTION_TAG = "transmute.promotion"
 
@@ -87,19 +85,12 @@ def failures(criteria: list[dict], metrics: dict[str, float]) -> list[str]:
     return out
 
 
-def tracking_uri(args) -> str:
-    from pipeline.tracking import resolve_tracking_uri
-
-    home = os.environ.get("TRANSMUTE_HOME", DEFAULT_HOME)
-    return resolve_tracking_uri(args.tracking_uri, os.path.expanduser(home))
-
-
 def main(argv=None) -> int:
     launch.quiet()  # telemetry off before anything imports mlflow
     from pipeline import registry
 
     args = parse_args(argv)
-    uri = tracking_uri(args)
+    uri = launch.tracking_uri(args.tracking_uri)
     try:
         version = registry.resolve_version(uri, args.name, args.version)
     except registry.ModelNotFound as e:

@@ -32,7 +32,6 @@ import sys
 
 from pipeline import launch, storage
 from pipeline.launch import init_ray
-from pipeline.run_config import DEFAULT_HOME
 
 
 def parse_args(argv=None):
@@ -80,13 +79,6 @@ def parse_args(argv=None):
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL for s3:// input and output")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p.parse_args(argv)
-
-
-def tracking_uri(args) -> str:
-    from pipeline.tracking import resolve_tracking_uri
-
-    home = os.environ.get("TRANSMUTE_HOME", DEFAULT_HOME)
-    return resolve_tracking_uri(args.tracking_uri, os.path.expanduser(home))
 
 
 def check_args(args) -> None:
@@ -167,7 +159,8 @@ def main(argv=None) -> int:
     use_ray = not args.no_ray
     try:
         check_args(args)
-        generator, info = load_model(args.model, tracking_uri(args), args.direction, args.size)
+        uri = launch.tracking_uri(args.tracking_uri)
+        generator, info = load_model(args.model, uri, args.direction, args.size)
         if use_ray:
             init_ray(args.address, args.actors * args.cpus_per_actor + 1, progress=args.progress)
         device = pick_device(args, use_ray)

@@ -229,7 +229,7 @@ def export_generator(directory: str, direction: str | None = None, folder: str |
     given; returns (artifact, the run's name)."""
     from models import MODELS
     from pipeline.generator_artifact import GeneratorArtifact
-    from pipeline.run_config import from_json
+    from pipeline.run_config import from_json, image_size
 
     cfg = from_json(read_config_json(directory))
     spec = MODELS[cfg.model_name]
@@ -239,9 +239,9 @@ def export_generator(directory: str, direction: str | None = None, folder: str |
                          f"not {direction!r}")
     nets = spec.build_nets(cfg.model)
     load_nets(directory, nets)
-    size = cfg.data.crop_size or cfg.data.load_size or None
-    artifact = GeneratorArtifact.from_net(cfg.model_name, cfg.model, direction,
-                                          nets[spec.generator_for[direction]], size, cfg.data.swap_ab)
+    net = nets[spec.generator_for[direction]]
+    artifact = GeneratorArtifact.from_net(cfg.model_name, cfg.model, direction, net, image_size(cfg),
+                                          cfg.data.swap_ab)
     if folder:
         artifact.export(folder)
     return artifact, cfg.tracking.run_name

@@ -14,7 +14,7 @@ import sys
 import time
 
 from pipeline import storage
-from pipeline.run_config import RunConfig
+from pipeline.run_config import DEFAULT_HOME, RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (or --working-dir)
 DATASETS = os.environ.get("TRANSMUTE_DATASETS", os.path.join(os.path.dirname(ROOT), "shared", "datasets"))
@@ -110,6 +110,15 @@ def git_commit() -> str:
         return out.stdout.strip() or os.environ.get("TRANSMUTE_GIT_COMMIT", "unknown")
     except (OSError, subprocess.SubprocessError):
         return os.environ.get("TRANSMUTE_GIT_COMMIT", "unknown")
+
+
+def tracking_uri(explicit: str | None) -> str:
+    """The MLflow URI a command without a run config uses: `explicit`, else $MLFLOW_TRACKING_URI,
+    else the sqlite store under $TRANSMUTE_HOME (default ~/.transmute), as a training run's."""
+    from pipeline.tracking import resolve_tracking_uri
+
+    home = os.environ.get("TRANSMUTE_HOME", DEFAULT_HOME)
+    return resolve_tracking_uri(explicit, os.path.expanduser(home))
 
 
 def with_tracking_uri(cfg: RunConfig) -> RunConfig:

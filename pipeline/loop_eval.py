@@ -3,18 +3,15 @@
 Evaluation draws its own randomness in a forked RNG, so it never changes what training draws.
 """
 
-
 import torch
+
+from pipeline.run_config import image_size
 
 
 def rng_fork(device):
     """Evaluation draws random z and noise; a fork keeps the training RNG stream untouched, so a
     resumed run (which evaluates at other moments) ends with the same weights."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-
-
-def image_size(cfg) -> int | None:
-    return cfg.data.crop_size or cfg.data.load_size or None
 
 
 def build_evaluator(cfg, spec, model_cfg, device, split: str):

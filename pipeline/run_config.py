@@ -144,6 +144,11 @@ class RunConfig:
             self.optim = dataclasses.replace(self.optim, lr=MODELS[self.model_name].lr)
 
 
+def image_size(cfg: RunConfig) -> int | None:
+    """The run's training image size: the crop, else the load size (None: the images' own)."""
+    return cfg.data.crop_size or cfg.data.load_size or None
+
+
 def make_config(model_name: str, **sections) -> RunConfig:
     return RunConfig(model_name=model_name, model=MODELS[model_name].Config(), **sections)
 

@@ -4,6 +4,8 @@ metrics and judges, read from a RunConfig by `EvalOptions.from_config`."""
 import os
 from dataclasses import dataclass
 
+from pipeline.run_config import image_size
+
 
 @dataclass
 class EvalOptions:
@@ -38,7 +40,7 @@ class EvalOptions:
         """The options of a RunConfig's run (image size: the crop size, else the load size)."""
         return cls(
             cfg.data.path, train_split=cfg.data.train_split,
-            size=cfg.data.crop_size or cfg.data.load_size or None, max_images=cfg.eval.max_images,
+            size=image_size(cfg), max_images=cfg.eval.max_images,
             label_domain=cfg.eval.label_domain, num_classes=cfg.eval.num_classes,
             cache_dir=os.path.join(cfg.home, "cache"), endpoint=cfg.storage.endpoint or None,
             inception_path=cfg.eval.inception_path, seed=cfg.train.seed, swap_ab=cfg.data.swap_ab,
