@@ -21,9 +21,12 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
-def _runs(client, experiment="transmute"):
+def _runs(client, experiment="transmute", name=None):
+    """The experiment's runs, or those named `name` (the MLflow server is shared with other modules'
+    tests, which may log to the same experiment)."""
     exp = client.get_experiment_by_name(experiment)
-    return client.search_runs([exp.experiment_id]) if exp else []
+    where = f"attributes.run_name = '{name}'" if name else ""
+    return client.search_runs([exp.experiment_id], filter_string=where) if exp else []
 
 
 def test_quick_recipe_on_ray_is_tracked_registered_and_resumes_in_the_same_run(
@@ -35,7 +38,7 @@ def test_quick_recipe_on_ray_is_tracked_registered_and_resumes_in_the_same_run(
             "train.log_every=2"]
     assert train_job.main(["--recipe", "cyclegan_facades-quick", "--set", *sets]) == 0
     client = MlflowClient(mlflow_server.uri)
-    (run,) = _runs(client)
+    (run,) = _runs(client, name="facades-e2e")
     assert run.info.status == "FINISHED" and run.info.run_name == "facades-e2e"
     params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
     assert params["model.ngf"] == "8" and params["train.batch_size"] == "2" and params["data.path"] == facades
@@ -55,7 +58,7 @@ def test_quick_recipe_on_ray_is_tracked_registered_and_resumes_in_the_same_run(
     resume = ["--resume", "facades-e2e", "--set", f"data.path={facades}", "train.steps=30",
               "eval.every=10", "checkpoint.every=10", "scaling.cpus_per_worker=0.5", "eval.max_images=16"]
     assert train_job.main(["--recipe", "cyclegan_facades-quick", *resume]) == 0
-    (again,) = _runs(client)  # the same run, not a second one
+    (again,) = _runs(client, name="facades-e2e")  # the same run, not a second one
     assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
     history = client.get_metric_history(run.info.run_id, "progress/resumed_from_step")
     assert [m.value for m in history] == [20.0]
