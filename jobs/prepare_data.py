@@ -3,8 +3,7 @@
     python jobs/prepare_data.py ../shared/datasets/facades data/facades
     python jobs/prepare_data.py SRC s3://bucket/facades --s3-endpoint http://127.0.0.1:8333 --load-size 286
 
-Exit status: 0 done (rejects, if any, are listed in the manifest and printed), 1 --strict and
-something was rejected (nothing published), 2 bad arguments, source or layout, 3 storage failure.
+Each outcome has its own exit status (EXIT_CODES below, also in --help).
 S3 credentials come from the AWS environment / config only; they are never printed or stored.
 """
 
@@ -15,9 +14,21 @@ import sys
 
 from pipeline import data, images, storage
 
+OK, CRASH, USAGE, STORAGE, STRICT = 0, 1, 2, 3, 4
+EXIT_CODES = f"""exit status:
+  {OK}  done (rejected inputs, if any, are listed in the manifest and printed)
+  {CRASH}  unexpected error (a bug: the traceback says where)
+  {USAGE}  bad arguments, source, layout or labels file
+  {STORAGE}  storage failure (S3 error after retries, local OSError listing, reading or writing)
+  {STRICT}  --strict and some input was rejected (nothing published)"""
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("src", help="source folder or .npz file: local path or s3://bucket/prefix")
     p.add_argument("dst", help="output folder: local path or s3://bucket/prefix")
     p.add_argument("--layout", default="auto", choices=["auto", *data.LAYOUTS])
@@ -34,13 +45,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--shard-mb", type=float, default=data.DEFAULT_SHARD_BYTES / 2**20)
     p.add_argument("--max-pixels", type=int, default=images.MAX_PIXELS, help="reject larger images")
     p.add_argument(
+        "--min-side",
+        type=int,
+        default=images.MIN_SIDE,
+        help="reject images with a side (aligned: of each half) below N px (default %(default)s)",
+    )
+    p.add_argument(
         "--val-fraction",
         type=float,
         default=data.VAL_FRACTION,
         help="share of train carved into val when the source has no val split (0: none)",
     )
     p.add_argument("--workers", type=int, default=4, help="threads decoding / reading")
-    p.add_argument("--strict", action="store_true", help="fail (exit 1) if any input is rejected")
+    p.add_argument("--strict", action="store_true", help=f"fail (exit {STRICT}) if any input is rejected")
     p.add_argument(
         "--s3-endpoint", default=None, help="S3-compatible endpoint URL, e.g. http://127.0.0.1:8333"
     )
@@ -63,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             shard_rows=args.shard_rows,
             shard_bytes=int(args.shard_mb * 2**20),
             max_pixels=args.max_pixels,
+            min_side=args.min_side,
             val_fraction=args.val_fraction,
             strict=args.strict,
             workers=args.workers,
@@ -77,15 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     except data.StrictRejects as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except (data.IngestError, FileNotFoundError) as exc:
+        return STRICT
+    except data.IngestError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except storage.StorageError as exc:
+        return USAGE
+    except (storage.StorageError, OSError) as exc:  # per-file read errors are rejects, not these
         print(f"error: {exc}", file=sys.stderr)
-        return 3
+        return STORAGE
     print(summary(manifest))
-    return 0
+    return OK
 
 
 def summary(manifest: dict) -> str:

@@ -25,6 +25,7 @@ mode "L" (1 channel) or "RGB" (3 channels).
 """
 
 import io
+import re
 import warnings
 from dataclasses import dataclass, field
 
@@ -36,6 +37,9 @@ MAX_PIXELS = 8192 * 8192  # larger images are rejected before decoding (decompre
 JPEG_QUALITY = 95
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N")
 EXIF_ORIENTATION = 0x0112
+MIN_SIDE = 8  # ingest's default: smaller images are rejected (MNIST's 28 px passes)
+QUOTE_WINDOW = 6  # a reason sharing this many consecutive characters with the file is withheld
+_BYTES_REPR = re.compile(r"""b(['"]).*?(?<!\\)\1""")
 
 
 class Rejected(ValueError):
@@ -63,22 +67,91 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     with warnings.catch_warnings():
         # Pillow's own bomb check is a warning below 2x its limit; ours is the size check below.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data": the EXIF check reports it
         try:
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
-            raise Rejected(f"not an image: unknown format (first bytes {data[:8]!r})") from None
+            raise Rejected("not an image: unknown format") from None  # no bytes quoted: see describe()
         except Image.DecompressionBombError as exc:
-            raise Rejected(f"over the size limit: {exc}") from None
-        except (OSError, SyntaxError, ValueError) as exc:  # a header cut short ("Truncated File Read")
-            raise Rejected(f"cannot read the image header: {exc}") from None
+            raise Rejected(f"over the size limit: {describe(exc, data)}") from None
+        except Exception as exc:  # noqa: BLE001 - a header cut short or lying; any parser error is a reject
+            raise Rejected(f"cannot read the image header: {describe(exc, data)}") from None
         width, height = img.size
         if width * height > max_pixels:
             raise Rejected(f"{width}x{height} = {width * height} pixels is over the limit of {max_pixels}")
         try:
             img.load()
-        except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
-            raise Rejected(f"cannot decode {img.format or 'image'}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - truncated or corrupt data
+            raise Rejected(f"cannot decode {img.format or 'image'}: {describe(exc, data)}") from None
+    if img.format == "JPEG" and (broken := jpeg_damage(data)):
+        raise Rejected(f"corrupt JPEG data: {broken}")
     return img
+
+
+def describe(exc: BaseException, data: bytes) -> str:
+    """The exception as a reject reason that never quotes the file: Pillow's messages can carry
+    its bytes ("not a TIFF file (header b'root:x:0' not valid)", an IM header line), so byte
+    literals are cut and a message that still shares QUOTE_WINDOW characters with the file is
+    withheld; the exception type always stays."""
+    text = _BYTES_REPR.sub("<bytes>", str(exc))
+    text = "".join(c if c.isascii() and c.isprintable() else "?" for c in text)[:160]
+    windows = (text[i : i + QUOTE_WINDOW] for i in range(max(0, len(text) - QUOTE_WINDOW + 1)))
+    if any(w.encode() in data for w in windows):
+        text = "message withheld (it quotes the file)"
+    kind = type(exc).__qualname__
+    if type(exc).__module__ != "builtins":
+        kind = f"{type(exc).__module__}.{kind}"  # "struct.error" rather than "error"
+    return f"{kind}: {text}" if text else kind
+
+
+def jpeg_damage(data: bytes) -> str | None:
+    """Why a JPEG's marker structure is broken, or None. libjpeg decodes through damaged
+    entropy data with only a warning, which Pillow drops, so a file with bytes overwritten
+    mid-scan loads "fine"; here every segment must have a sane length, the scan data may hold
+    only stuffed 0xFF00 and in-order restart markers, and the end-of-image marker must come.
+    Damage that leaves a valid Huffman stream (no 0xFF in it) stays undetectable this way."""
+    pos, end = 2, len(data)
+    while pos < end:
+        if data[pos] != 0xFF:
+            return f"expected a marker at byte {pos}"
+        while pos < end and data[pos] == 0xFF:
+            pos += 1  # fill bytes
+        if pos >= end:
+            break
+        marker, pos = data[pos], pos + 1
+        if marker == 0xD9:
+            return None  # end of image (anything after it is ignored, as every decoder does)
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            continue  # standalone markers
+        if marker < 0xC0 or marker == 0xD8:
+            return f"invalid marker 0x{marker:02X} at byte {pos - 1}"
+        length = int.from_bytes(data[pos : pos + 2], "big")
+        if length < 2 or pos + length > end:
+            return f"segment 0x{marker:02X} at byte {pos - 1} has a bad length"
+        pos += length
+        if marker == 0xDA:
+            pos, why = _scan_end(data, pos)
+            if why:
+                return why
+    return "no end-of-image marker"
+
+
+def _scan_end(data: bytes, pos: int) -> tuple[int, str | None]:
+    """(position of the marker that ends the entropy-coded data at pos, why it is broken or None)."""
+    restart = 0
+    while (pos := data.find(b"\xff", pos)) >= 0 and pos + 1 < len(data):
+        following = data[pos + 1]
+        if following in (0x00, 0xFF):
+            pos += 1 if following == 0xFF else 2
+        elif 0xD0 <= following <= 0xD7:
+            if following - 0xD0 != restart:
+                return pos, f"restart marker {following - 0xD0} at byte {pos}, expected {restart}"
+            restart, pos = (restart + 1) % 8, pos + 2
+        elif following < 0xC0 or following == 0xD8:
+            return pos, f"invalid marker 0x{following:02X} inside the image data at byte {pos}"
+        else:
+            return pos, None
+    return len(data), "no end-of-image marker"
 
 
 def probe_channels(data: bytes) -> int | None:
@@ -96,17 +169,31 @@ def check_image(
     aligned: bool = False,
     load_size: int | None = None,
     max_pixels: int = MAX_PIXELS,
+    min_side: int = 1,
 ) -> Checked:
-    """Validate and normalise one encoded image (see the module table); raises Rejected."""
+    """Validate and normalise one encoded image (see the module table); raises Rejected, and only
+    Rejected: whatever a decoder raises on a hostile file becomes a reason."""
+    try:
+        return _check_image(data, channels, aligned, load_size, max_pixels, min_side)
+    except Rejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one bad file must never stop an ingest
+        raise Rejected(f"cannot convert the image: {describe(exc, data)}") from None
+
+
+def _check_image(data, channels, aligned, load_size, max_pixels, min_side) -> Checked:
     img = open_image(data, max_pixels)
     source_format = (img.format or "").lower()
-    img, changes = _upright(img)
+    img, changes = _upright(img, data)
     img, more = _to_mode(img, channels, data)
     changes += more
     if aligned and img.width != 2 * img.height:
         raise Rejected(
             f"aligned image must be twice as wide as high (A|B side by side), got {img.width}x{img.height}"
         )
+    side = min(img.width // 2 if aligned else img.width, img.height)  # aligned: each half's side
+    if side < min_side:
+        raise Rejected(f"{img.width}x{img.height} is below the minimum side of {min_side} px")
     resized = False
     if load_size and img.size != _target_size(aligned, load_size):
         img, resized = resize_image(img, load_size, aligned), True
@@ -117,8 +204,11 @@ def check_image(
     return Checked(encode(img, fmt), fmt, img.width, img.height, channels, changes)
 
 
-def _upright(img: Image.Image) -> tuple[Image.Image, list[str]]:
-    orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+def _upright(img: Image.Image, data: bytes) -> tuple[Image.Image, list[str]]:
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception as exc:  # noqa: BLE001 - Pillow raises SyntaxError, struct.error, ... on bad EXIF
+        raise Rejected(f"corrupt EXIF data, the orientation is unknown: {describe(exc, data)}") from None
     if orientation in (None, 1):
         return img, []
     return ImageOps.exif_transpose(img), [f"applied EXIF orientation {orientation}"]

@@ -48,7 +48,8 @@ class StrictRejects(IngestError):
 @dataclass(frozen=True)
 class IngestOptions:
     """How to ingest: the layout ("auto" detects it), which splits (None: all), the stored size
-    (None: as found), shard limits, the largest image accepted, the share of train carved into val
+    (None: as found), shard limits, the largest image accepted, the smallest side accepted (aligned:
+    of each half), the share of train carved into val
     when the source has none, whether any reject fails the ingest, and decoding threads."""
 
     layout: str = "auto"
@@ -57,6 +58,7 @@ class IngestOptions:
     shard_rows: int = DEFAULT_SHARD_ROWS
     shard_bytes: int = DEFAULT_SHARD_BYTES
     max_pixels: int = images.MAX_PIXELS
+    min_side: int = images.MIN_SIDE
     val_fraction: float = VAL_FRACTION
     strict: bool = False
     workers: int = 4
@@ -70,6 +72,7 @@ class _Found:
     reason: str
     items: list[Item]
     ignored: list[str]
+    rejected: list[dict]  # entries of the source that could not be taken (unlistable, links out, ...)
     val_info: dict | None
     channels: dict
 
@@ -90,18 +93,21 @@ class _Options:
     aligned: bool
     load_size: int | None
     max_pixels: int
+    min_side: int
 
 
 def _check(item: Item, opts: _Options) -> tuple[dict | None, dict | None]:
-    """(row, None) for a usable image, (None, reject) otherwise. StorageError propagates: a dead
-    server is not a bad file."""
+    """(row, None) for a usable image, (None, reject) otherwise: whatever goes wrong with one file
+    is its reject reason. StorageError propagates: a dead server is not a bad file."""
     try:
         data = item.read()
-    except OSError as exc:
-        return None, {"path": item.rel, "reason": f"cannot read: {exc}"}
+    except storage.StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - OSError mostly; never the file's contents in the reason
+        return None, {"path": item.rel, "reason": f"cannot read: {_read_error(exc)}"}
     try:
         checked = images.check_image(
-            data, opts.channels[item.domain], opts.aligned, opts.load_size, opts.max_pixels
+            data, opts.channels[item.domain], opts.aligned, opts.load_size, opts.max_pixels, opts.min_side
         )
     except images.Rejected as exc:
         return None, {"path": item.rel, "reason": str(exc)}
@@ -121,6 +127,12 @@ def _check(item: Item, opts: _Options) -> tuple[dict | None, dict | None]:
         "changes": checked.changes,
     }
     return row, None
+
+
+def _read_error(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror  # "Permission denied": the path is already in the reject
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _ordered_map(fn, items: list, workers: int, window: int = 256) -> Iterator:
@@ -192,9 +204,10 @@ def ingest(
     written and this run's new shards are removed); storage.StorageError when S3 fails after retries.
     """
     opts = options or IngestOptions()
-    if opts.shard_rows < 1 or opts.shard_bytes < 1:
+    if opts.shard_rows < 1 or opts.shard_bytes < 1 or opts.min_side < 1:
         raise IngestError(
-            f"shard_rows and shard_bytes must be positive, got {opts.shard_rows}, {opts.shard_bytes}"
+            "shard_rows, shard_bytes and min_side must be positive, got "
+            f"{opts.shard_rows}, {opts.shard_bytes}, {opts.min_side}"
         )
     found = _find(src, opts, endpoint)
     previous = _previous_shards(data_path, endpoint)
@@ -223,11 +236,11 @@ def ingest(
 
 
 def _find(src: str, opts: IngestOptions, endpoint: str | None) -> _Found:
-    layout, reason, items, ignored = discover(src, opts.layout, endpoint)
+    layout, reason, items, ignored, rejected = discover(src, opts.layout, endpoint)
     log.info("layout: %s (%s)", layout, reason)
     items, val_info = carve_val(items, opts.val_fraction)
     items = _only_splits(items, opts.splits)
-    return _Found(layout, reason, items, ignored, val_info, domain_channels(layout, items))
+    return _Found(layout, reason, items, ignored, rejected, val_info, domain_channels(layout, items))
 
 
 def _only_splits(items: list[Item], splits: list[str] | None) -> list[Item]:
@@ -242,8 +255,9 @@ def _only_splits(items: list[Item], splits: list[str] | None) -> list[Item]:
 
 def _write(found: _Found, opts: IngestOptions, writer: "_ShardWriter", progress: bool) -> _Written:
     """Check every item (in id order) and stream the good ones into shards."""
-    check = _Options(found.channels, found.layout == "aligned", opts.load_size, opts.max_pixels)
-    out = _Written([], writer.shards, [], [])
+    aligned = found.layout == "aligned"
+    check = _Options(found.channels, aligned, opts.load_size, opts.max_pixels, opts.min_side)
+    out = _Written([], writer.shards, list(found.rejected), [])
     index: dict[tuple[str, str], int] = {}
     bar = tqdm(total=len(found.items), unit="file", desc="ingest", disable=not progress, smoothing=0.1)
     bar.set_postfix(rejects=0, refresh=False)
@@ -276,6 +290,7 @@ def _manifest(src: str, opts: IngestOptions, found: _Found, written: _Written, c
         "shard_rows": opts.shard_rows,
         "shard_bytes": opts.shard_bytes,
         "max_pixels": opts.max_pixels,
+        "min_side": opts.min_side,
         "val_fraction": opts.val_fraction,
         "splits": opts.splits,
     }

@@ -4,6 +4,7 @@ carve a validation split when the source has none, and decide each domain's chan
 import io
 import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -41,15 +42,77 @@ class Item:
 # ============================================================================= discovery
 
 
-def _list_source(src: str, endpoint: str | None) -> tuple[str, list[str]]:
-    """(root, files relative to root); a single file is listed from its folder."""
+def _list_source(src: str, endpoint: str | None) -> tuple[str, list[str], list[dict]]:
+    """(root, files relative to root, rejected {path, reason}); a single file is listed from its folder."""
     if storage.is_file(src, endpoint):
         root, _, name = src.rstrip("/").rpartition("/")
-        return root or ".", [name]
-    files = [f for f in storage.list_files(src, endpoint) if not f.split("/")[-1].startswith(".")]
+        return root or ".", [name], []
+    if storage.is_s3(src):
+        files, rejected = storage.list_files(src, endpoint), []
+    else:
+        files, rejected = _walk_local(src)
+    files = [f for f in files if not f.split("/")[-1].startswith(".")]
     if not files:
-        raise IngestError(f"source {storage.public_uri(src)} is empty or does not exist")
-    return src, files
+        raise IngestError(
+            f"source {storage.public_uri(src)} is empty or does not exist"
+            + "".join(f"; {r['path']}: {r['reason']}" for r in rejected[:5])
+        )
+    return src, files, rejected
+
+
+def _walk_local(src: str) -> tuple[list[str], list[dict]]:
+    """(usable files, rejected {path, reason}) under a local folder, so that every entry is counted
+    once: a folder that cannot be listed, a link that leaves the source, a name that is not UTF-8
+    (it could not be stored or printed) and a FIFO or device (reading it could block) are rejected
+    rather than silently skipped or followed. Links to folders inside the source are not followed
+    (their files are counted where they are); they are rejected with that reason."""
+    inside = _inside(src)
+    files, rejected = [], []
+
+    def reject(path: str, reason: str, folder: str = "") -> None:
+        rel = os.path.relpath(path, src).replace(os.sep, "/") + folder
+        rejected.append({"path": os.fsencode(rel).decode("utf-8", "backslashreplace"), "reason": reason})
+
+    def unlistable(exc: OSError) -> None:
+        reject(exc.filename, f"cannot list the folder: {exc.strerror or type(exc).__name__}", "/")
+
+    for folder, dirs, names in os.walk(src, onerror=unlistable):
+        for name in dirs:  # os.walk does not descend into links to folders
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                reject(path, "symlinked folder not followed" if inside(path) else LINK_OUT, "/")
+        for name in names:
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, src).replace(os.sep, "/")
+            if why := _unusable(path, rel, inside):
+                reject(path, why)
+            else:
+                files.append(rel)
+    return sorted(files), sorted(rejected, key=lambda r: r["path"])
+
+
+LINK_OUT = "symlink leaves the source"
+
+
+def _inside(src: str) -> Callable[[str], bool]:
+    """Whether a path, links resolved, is under src (links resolved)."""
+    root = os.path.realpath(src)
+    return lambda path: os.path.commonpath([root, os.path.realpath(path)]) == root
+
+
+def _unusable(path: str, rel: str, inside: Callable[[str], bool]) -> str | None:
+    try:
+        rel.encode("utf-8")  # only the part that is stored (the source folder's own name may be anything)
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8 (shown escaped): rename it"
+    if not inside(path):
+        return LINK_OUT
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "not a regular file"
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or type(exc).__name__}"  # a dangling link, a vanished file
+    return None
 
 
 def detect_layout(files: list[str]) -> tuple[str, str]:
@@ -79,11 +142,14 @@ def _unpaired_folder(name: str, tops: list[str]) -> bool:
     return partner in tops or name[:-1] in ("train", "val", "test")
 
 
-def discover(src: str, layout: str, endpoint: str | None) -> tuple[str, str, list[Item], list[str]]:
-    """(layout, reason, items sorted by id, ignored files) for a source folder or file."""
+def discover(
+    src: str, layout: str, endpoint: str | None
+) -> tuple[str, str, list[Item], list[str], list[dict]]:
+    """(layout, reason, items sorted by id, ignored files, rejected {path, reason}) for a source
+    folder or file; rejected are the entries that cannot be taken at all (see _walk_local)."""
     if layout not in ("auto", *LAYOUTS):
         raise IngestError(f"unknown layout {layout!r}: use one of auto, {', '.join(LAYOUTS)}")
-    root, files = _list_source(src, endpoint)
+    root, files, rejected = _list_source(src, endpoint)
     reason = "given"
     if layout == "auto":
         layout, reason = detect_layout(files)
@@ -92,12 +158,19 @@ def discover(src: str, layout: str, endpoint: str | None) -> tuple[str, str, lis
     if not items:
         raise IngestError(f"no {layout} images found in {storage.public_uri(src)} (ignored: {ignored[:10]})")
     items.sort(key=lambda i: (i.split, i.domain, i.rel))
-    return layout, reason, items, ignored
+    return layout, reason, items, ignored, rejected
 
 
 def _file_item(root: str, rel: str, split: str, domain: str, endpoint: str | None, label=None) -> Item:
     uri = storage.join(root, rel)
-    return Item(split, domain, rel, storage.public_uri(uri), lambda: storage.read_bytes(uri, endpoint), label)
+    return Item(split, domain, rel, storage.public_uri(uri), lambda: _read(root, uri, endpoint), label)
+
+
+def _read(root: str, uri: str, endpoint: str | None) -> bytes:
+    """The file's bytes; a local link is checked again when read (it may have changed since listing)."""
+    if not storage.is_s3(uri) and not _inside(root)(uri):
+        raise OSError(LINK_OUT)
+    return storage.read_bytes(uri, endpoint)
 
 
 def _aligned_items(root: str, files: list[str], endpoint: str | None):
@@ -135,7 +208,10 @@ def _labels(root: str, folder: str, files: list[str], endpoint: str | None) -> d
 
 
 def parse_labels(data: bytes, name: str) -> dict[str, int]:
-    lines = data.decode("utf-8").splitlines()
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise IngestError(f"{name}: not UTF-8 text") from None
     header = [h.strip() for h in lines[0].split(",")] if lines else []
     if header[:2] != ["filename", "label"]:
         raise IngestError(f"{name}: header must be 'filename,label', got {lines[0] if lines else ''!r}")
@@ -243,5 +319,3 @@ def _read_or_empty(item: Item) -> bytes:
         return item.read()
     except OSError:
         return b""
-
-
