@@ -187,7 +187,8 @@ def parse_args(argv=None):
     p.add_argument("--all", action="store_true", help="every -15min recipe, one after another")
     p.add_argument("--minutes", type=float, default=None,
                    help="wall-time budget (default: the recipe's own train.max_minutes)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for the run")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="config overrides for the run (repeatable)")
     p.add_argument("--no-ray", action="store_true", help="plain loop in this process, no MLflow")
     p.add_argument("--device", default="cpu", help="with --no-ray: cpu or cuda")
     p.add_argument("--home", default=None, help="TRANSMUTE_HOME for the runs (default: the user's)")

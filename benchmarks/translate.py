@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--tracking-uri")
     p.add_argument("--size", type=int, help="image size (default 64; a given --model brings its own)")
     p.add_argument("--images", type=int, default=32)
-    p.add_argument("--batch-size", type=int, nargs="+", default=[16])
+    p.add_argument("--batch-size", type=int, nargs="+", action="extend", default=None,
+                   help="one or more batch sizes (repeatable; default 16)")
     p.add_argument("--ray", action="store_true", help="also time the Ray Data path")
     p.add_argument("--actors", type=int, default=2)
     p.add_argument("--core", action="store_true", help="time the plain-torch core only (GPU box)")
@@ -58,7 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="best of this many timed passes")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of the plain loop and of our job without Ray (default 1: per core)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.batch_size = args.batch_size or [16]  # a default list would be extended, not replaced
+    return args
 
 
 def default_payload(size: int) -> tuple[translate.GeneratorArtifact, translate.ModelInfo]:

@@ -18,7 +18,7 @@ import json
 import sys
 import time
 
-from pipeline import launch
+from pipeline import cli, launch
 
 PROMOTION_TAG = "transmute.promotion"
 
@@ -41,7 +41,8 @@ class Criterion(argparse.Action):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__ + "\n" + cli.EXIT_STATUS)
     p.add_argument("name", help="registered model name, e.g. cyclegan_facades-ab")
     p.add_argument("--version", default="latest", help="version to promote (default: the latest)")
     p.add_argument("--alias", default="production")
@@ -87,9 +88,12 @@ def failures(criteria: list[dict], metrics: dict[str, float]) -> list[str]:
 
 def main(argv=None) -> int:
     launch.quiet()  # telemetry off before anything imports mlflow
+    return cli.run(promote, parse_args(argv))
+
+
+def promote(args) -> int:
     from pipeline import registry
 
-    args = parse_args(argv)
     uri = launch.tracking_uri(args.tracking_uri)
     try:
         version = registry.resolve_version(uri, args.name, args.version)

@@ -10,7 +10,8 @@ checkpoints under <home>/runs, datasets under <home>/data, with home = $TRANSMUT
 Ray puts the uploaded --working-dir first on the job's PYTHONPATH, so a cluster needs the
 dependencies but no install of this project; locally, `make venv` installs it (editable).
 `train.batch_size` is per worker. `--resume NAME` continues run NAME from its latest checkpoint,
-in the same MLflow run.
+in the same MLflow run. Every config value is checked (and the batch against the dataset's
+training split) before Ray or an MLflow run starts. Status 1 below: training itself failed.
 """
 
 import argparse
@@ -21,7 +22,7 @@ import time
 STARTED = time.time()  # a --minutes budget counts from here, start-up included
 
 from jobs.recipes import RECIPES, recipe  # noqa: E402
-from pipeline import launch, storage  # noqa: E402
+from pipeline import cli, launch, storage  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
 from pipeline.launch import ensure_dataset, mark_failed, name_run, start_tracking, train  # noqa: E402
 from pipeline.run_config import RunConfig, override, resolve_paths, to_json  # noqa: E402
@@ -31,7 +32,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
+        epilog=__doc__ + "\n" + cli.EXIT_STATUS,
     )
     p.add_argument("--recipe", help=f"one of: {', '.join(sorted(RECIPES))}")
     p.add_argument(
@@ -40,9 +41,10 @@ def parse_args(argv=None):
     p.add_argument(
         "--set",
         nargs="*",
+        action="extend",
         default=[],
         metavar="KEY=VALUE",
-        help="dotted config overrides, e.g. optim.lr=1e-4 model.norm=batch_renorm",
+        help="dotted config overrides, e.g. optim.lr=1e-4 model.norm=batch_renorm (repeatable)",
     )
     p.add_argument("--minutes", type=float, default=None,
                    help="wall-time budget from this command's start to its end: the run picks its number of "
@@ -63,7 +65,11 @@ def parse_args(argv=None):
 
 
 def build_config(args) -> RunConfig:
-    cfg = override(load_config_file(args.config) if args.config else recipe(args.recipe), args.set)
+    try:
+        base = load_config_file(args.config) if args.config else recipe(args.recipe)
+    except KeyError as e:  # an unknown recipe
+        raise ConfigError(e.args[0]) from None
+    cfg = override(base, args.set)
     if args.no_ray:
         cfg = override(cfg, {"data.reader": "local"})
     if args.minutes is not None:
@@ -78,19 +84,19 @@ def load_config_file(path: str) -> RunConfig:
 
     try:
         with open(path) as f:
-            return from_json(f.read())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--config {path}: {e}") from None
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {e.strerror or e}") from None
+    return from_json(text, source=f"--config {path}")
 
 
 def main(argv=None) -> int:
     launch.quiet()  # telemetry off before anything imports mlflow
-    args = parse_args(argv)
-    try:
-        cfg = build_config(args)
-    except (ConfigError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli.run(run, parse_args(argv))
+
+
+def run(args) -> int:
+    cfg = build_config(args)
     if args.print_config:
         print(to_json(cfg))
         return 0

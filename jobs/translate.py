@@ -30,13 +30,14 @@ import os
 import shlex
 import sys
 
-from pipeline import launch, storage
+from pipeline import cli, launch, storage
 from pipeline.launch import init_ray
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__ + "\n" + cli.EXIT_STATUS)
     p.add_argument("--model", required=True, help="registered model, run model or checkpoint (see below)")
     p.add_argument("--input", help="prepare_data.py dataset or folder of images (local or s3://)")
     p.add_argument("--output", required=True, help="output folder (local or s3://)")
@@ -151,10 +152,13 @@ def exit_status(record: dict, strict: bool) -> int:
 
 def main(argv=None) -> int:
     launch.quiet()  # telemetry off before anything imports mlflow
+    return cli.run(translate, parse_args(argv), argv)
+
+
+def translate(args, argv) -> int:
     from pipeline.registry import ModelNotFound
     from pipeline.translate import OutputError, RunOptions, Source, load_model, run
 
-    args = parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar is ours
     use_ray = not args.no_ray
     try:
@@ -175,7 +179,7 @@ def main(argv=None) -> int:
         record = run(job, source, options)
     except (ModelNotFound, FileNotFoundError, OutputError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return cli.USAGE
     report(record, job.output)
     return exit_status(record, args.strict)
 

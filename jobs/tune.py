@@ -20,7 +20,7 @@ import sys
 import time
 
 from jobs.recipes import RECIPES, recipe
-from pipeline import launch, search, storage
+from pipeline import cli, launch, search, storage
 from pipeline.config import ConfigError
 from pipeline.launch import ensure_dataset, init_ray, training_cpus, with_tracking_uri
 from pipeline.run_config import RunConfig, override, resolve_paths, to_json
@@ -33,13 +33,15 @@ def add_arguments(p: argparse.ArgumentParser, defaults: dict) -> argparse.Argume
         required="recipe" not in defaults,
         help=f"one of: {', '.join(sorted(RECIPES))}",
     )
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="fixed overrides of the recipe")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="fixed overrides of the recipe (repeatable)")
     p.add_argument(
         "--space",
         nargs="*",
+        action="extend",
         default=None,
         metavar="KEY=SPEC",
-        help="uniform:LOW:HIGH loguniform:LOW:HIGH int:LOW:HIGH choice:a,b grid:a,b or a value",
+        help="uniform:LOW:HIGH loguniform:LOW:HIGH int:LOW:HIGH choice:a,b grid:a,b or a value (repeatable)",
     )
     p.add_argument("--space-file", help="JSON file {key: spec}, merged under --space")
     p.add_argument(
@@ -75,7 +77,7 @@ def parse_args(argv=None, defaults: dict | None = None):
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
+        epilog=__doc__ + "\n" + cli.EXIT_STATUS,
     )
     args = add_arguments(p, defaults).parse_args(argv)
     if args.space is None:
@@ -86,7 +88,11 @@ def parse_args(argv=None, defaults: dict | None = None):
 
 
 def base_config(args) -> RunConfig:
-    cfg = override(recipe(args.recipe), args.set)
+    try:
+        cfg = recipe(args.recipe)
+    except KeyError as e:  # an unknown recipe
+        raise ConfigError(e.args[0]) from None
+    cfg = override(cfg, args.set)
     fixed = {
         **trial_length(args, cfg),
         "train.seed": args.seed,
@@ -302,13 +308,13 @@ def run(args) -> dict:
 
 def main(argv=None, defaults: dict | None = None) -> int:
     launch.quiet()  # telemetry off before anything imports mlflow
-    try:
-        args = parse_args(argv, defaults)
-        run(args)
-    except (ConfigError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    args = parse_args(argv, defaults)
+    return cli.run(search_job, args)
+
+
+def search_job(args) -> int:
+    run(args)
+    return cli.OK
 
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ The facades script also turns dropout on (`--use_dropout`); `use_dropout` stays 
 the recipe sets it. For 128² and smaller the reference uses `basic_128_multi`: n_layers_d=2.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.layers import (
+    INIT_TYPES,
     MultiscaleDiscriminator,
     PatchDiscriminator,
     ResnetEncoder,
@@ -30,35 +31,38 @@ from models.layers import (
     init_weights,
     set_requires_grad,
 )
-from models.losses import gan_loss, kl_to_standard_normal
+from models.losses import GAN_MODES, gan_loss, kl_to_standard_normal
+from models.norms import NORM_KINDS
 
 LR = 2e-4  # the paper's learning rate: the default of a run's optim.lr
 
 
 @dataclass
 class Config:
-    channels_a: int = 3
-    channels_b: int = 3
-    nz: int = 8
+    channels_a: int = field(default=3, metadata={"min": 1})
+    channels_b: int = field(default=3, metadata={"min": 1})
+    nz: int = field(default=8, metadata={"min": 1})
     z_all_layers: bool = True  # True: z at every encoder layer ('all'); False: at the input ('input')
-    ngf: int = 64
-    ndf: int = 64
-    nef: int = 64
-    num_downs: int = 8  # U-Net depth: 8 for 256², 7 for 128², 5 for 32²
+    ngf: int = field(default=64, metadata={"min": 1})
+    ndf: int = field(default=64, metadata={"min": 1})
+    nef: int = field(default=64, metadata={"min": 1})
+    num_downs: int = field(default=8, metadata={"min": 2})  # U-Net depth: 8 for 256², 7 for 128², 5 for 32²
     e_blocks: int = 4
-    n_layers_d: int = 3
-    num_Ds: int = 2  # D and D2 score at this many scales (the reference's num_Ds); 1: one PatchGAN
-    norm: str = "instance"
+    n_layers_d: int = field(default=3, metadata={"min": 1})
+    # D and D2 score at this many scales (the reference's num_Ds); 1: one PatchGAN
+    num_Ds: int = field(default=2, metadata={"min": 1})
+    norm: str = field(default="instance", metadata={"choices": NORM_KINDS})
     use_dropout: bool = False
-    gan_mode: str = "lsgan"
+    gan_mode: str = field(default="lsgan", metadata={"choices": GAN_MODES})
     lambda_l1: float = 10.0
     lambda_kl: float = 0.01
     lambda_z: float = 0.5
     lambda_gan: float = 1.0
     lambda_gan2: float = 1.0
-    betas: tuple[float, float] = (0.5, 0.999)
+    betas: tuple[float, float] = field(default=(0.5, 0.999), metadata={"below": 1})
     init_gain: float = 0.02
-    init_type: str = "xavier"  # the reference's default for BicycleGAN ('normal' as pix2pix)
+    # the reference's default for BicycleGAN ('normal' as pix2pix)
+    init_type: str = field(default="xavier", metadata={"choices": INIT_TYPES})
 
 
 def build_nets(cfg):

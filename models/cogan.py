@@ -13,28 +13,28 @@ Option `g_updates_per_d=2` updates G twice per D update as the seed does; the pa
 Adam with weight decay 0.0005 on every parameter of G and D, as the reference code.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from models.layers import init_weights, set_requires_grad
-from models.losses import gan_loss
+from models.losses import GAN_MODES, gan_loss
 
 LR = 2e-4  # the paper's learning rate: the default of a run's optim.lr
 
 
 @dataclass
 class Config:
-    channels_a: int = 1
-    channels_b: int = 1
-    image_size: int = 28  # 28 or 32 (any multiple of 4)
-    nz: int = 100
-    ngf: int = 64
-    ndf: int = 64
-    gan_mode: str = "vanilla"
-    g_updates_per_d: int = 1
-    betas: tuple[float, float] = (0.5, 0.999)
+    channels_a: int = field(default=1, metadata={"min": 1})
+    channels_b: int = field(default=1, metadata={"min": 1})
+    image_size: int = field(default=28, metadata={"min": 4})  # 28 or 32 (any multiple of 4)
+    nz: int = field(default=100, metadata={"min": 1})
+    ngf: int = field(default=64, metadata={"min": 1})
+    ndf: int = field(default=64, metadata={"min": 1})
+    gan_mode: str = field(default="vanilla", metadata={"choices": GAN_MODES})
+    g_updates_per_d: int = field(default=1, metadata={"min": 1})
+    betas: tuple[float, float] = field(default=(0.5, 0.999), metadata={"below": 1})
     weight_decay: float = 0.0005  # Adam's L2 term, as mingyuliutw/CoGAN's trainers and solvers
     init_gain: float = 0.02
 

@@ -6,7 +6,7 @@ way round). lambda_A/lambda_B are `lambda_cycle`; lambda_identity is `lambda_ide
 of lambda_cycle as in the reference code.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -14,26 +14,27 @@ from torch import nn
 
 from models.image_pool import ImagePool
 from models.layers import PatchDiscriminator, ResnetGenerator, init_weights, set_requires_grad
-from models.losses import discriminator_loss, gan_loss
+from models.losses import GAN_MODES, discriminator_loss, gan_loss
+from models.norms import NORM_KINDS
 
 LR = 2e-4  # the paper's learning rate: the default of a run's optim.lr
 
 
 @dataclass
 class Config:
-    channels_a: int = 3
-    channels_b: int = 3
-    ngf: int = 64
-    ndf: int = 64
+    channels_a: int = field(default=3, metadata={"min": 1})
+    channels_b: int = field(default=3, metadata={"min": 1})
+    ngf: int = field(default=64, metadata={"min": 1})
+    ndf: int = field(default=64, metadata={"min": 1})
     n_blocks: int = 9  # 9 for 256², 6 for 128² (the paper)
-    n_layers_d: int = 3  # 3 gives the 70×70 PatchGAN
-    norm: str = "instance"
+    n_layers_d: int = field(default=3, metadata={"min": 1})  # 3 gives the 70×70 PatchGAN
+    norm: str = field(default="instance", metadata={"choices": NORM_KINDS})
     use_dropout: bool = False
-    gan_mode: str = "lsgan"  # or "vanilla"
+    gan_mode: str = field(default="lsgan", metadata={"choices": GAN_MODES})  # or "vanilla"
     lambda_cycle: float = 10.0
     lambda_identity: float = 0.5  # identity weight = lambda_identity · lambda_cycle; 0 disables
     pool_size: int = 50
-    betas: tuple[float, float] = (0.5, 0.999)
+    betas: tuple[float, float] = field(default=(0.5, 0.999), metadata={"below": 1})
     init_gain: float = 0.02
 
 

@@ -27,7 +27,7 @@ The generator norm is a choice (`batch | batch_renorm | instance | none`): seed 
 batch norm's running statistics make eval-mode outputs differ from train-mode ones.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,24 +45,25 @@ LR = 5e-5  # the paper's learning rate: the default of a run's optim.lr
 
 @dataclass
 class Config:
-    channels_a: int = 3
-    channels_b: int = 3
-    ngf: int = 64
-    ndf: int = 64
-    num_downs: int = 8  # U-Net depth: 8 for 256², 5 for 32²
-    n_layers_d: int = 3
-    norm: str = "batch"  # generator norm: batch | batch_renorm | instance | none
-    critic_norm: str = "auto"  # auto = batch, or none for wgan-gp (its penalty is per sample)
+    channels_a: int = field(default=3, metadata={"min": 1})
+    channels_b: int = field(default=3, metadata={"min": 1})
+    ngf: int = field(default=64, metadata={"min": 1})
+    ndf: int = field(default=64, metadata={"min": 1})
+    num_downs: int = field(default=8, metadata={"min": 2})  # U-Net depth: 8 for 256², 5 for 32²
+    n_layers_d: int = field(default=3, metadata={"min": 1})
+    norm: str = field(default="batch", metadata={"choices": NORM_KINDS})  # the generator's
+    critic_norm: str = field(default="auto", metadata={"choices": ("auto", *NORM_KINDS)})
+    # auto = batch, or none for wgan-gp (its penalty is per sample)
     use_dropout: bool = True
-    loss: str = "wgan"  # wgan | wgan-gp | lsgan
-    n_critic: int = 2
+    loss: str = field(default="wgan", metadata={"choices": DUALGAN_LOSSES})
+    n_critic: int = field(default=2, metadata={"min": 1})
     clip_value: float = 0.01
     gp_weight: float = 10.0
     lambda_a: float = 500.0
     lambda_b: float = 500.0
-    recon_metric: str = "l1"  # l1 | l2
-    optimizer: str = "rmsprop"  # rmsprop | adam
-    betas: tuple[float, float] = (0.5, 0.999)  # only for optimizer=adam
+    recon_metric: str = field(default="l1", metadata={"choices": ("l1", "l2")})
+    optimizer: str = field(default="rmsprop", metadata={"choices": ("rmsprop", "adam")})
+    betas: tuple[float, float] = field(default=(0.5, 0.999), metadata={"below": 1})  # only for optimizer=adam
     init_gain: float = 0.02
 
 

@@ -5,31 +5,32 @@ vanilla GAN loss plus L1 weighted 100, Adam 2e-4 (0.5, 0.999); D is updated, the
 reference code does. Names: netG is `G_ab`, netD is `D`.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.layers import PatchDiscriminator, UnetGenerator, init_weights, set_requires_grad
-from models.losses import gan_loss
+from models.losses import GAN_MODES, gan_loss
+from models.norms import NORM_KINDS
 
 LR = 2e-4  # the paper's learning rate: the default of a run's optim.lr
 
 
 @dataclass
 class Config:
-    channels_a: int = 3
-    channels_b: int = 3
-    ngf: int = 64
-    ndf: int = 64
-    num_downs: int = 8
-    n_layers_d: int = 3
-    norm: str = "batch"
+    channels_a: int = field(default=3, metadata={"min": 1})
+    channels_b: int = field(default=3, metadata={"min": 1})
+    ngf: int = field(default=64, metadata={"min": 1})
+    ndf: int = field(default=64, metadata={"min": 1})
+    num_downs: int = field(default=8, metadata={"min": 2})
+    n_layers_d: int = field(default=3, metadata={"min": 1})
+    norm: str = field(default="batch", metadata={"choices": NORM_KINDS})
     use_dropout: bool = True
-    gan_mode: str = "vanilla"
+    gan_mode: str = field(default="vanilla", metadata={"choices": GAN_MODES})
     lambda_l1: float = 100.0
-    betas: tuple[float, float] = (0.5, 0.999)
+    betas: tuple[float, float] = field(default=(0.5, 0.999), metadata={"below": 1})
     init_gain: float = 0.02
 
 

@@ -231,7 +231,7 @@ def export_generator(directory: str, direction: str | None = None, folder: str |
     from pipeline.generator_artifact import GeneratorArtifact
     from pipeline.run_config import from_json, image_size
 
-    cfg = from_json(read_config_json(directory))
+    cfg = from_json(read_config_json(directory), source=os.path.join(directory, CONFIG))
     spec = MODELS[cfg.model_name]
     direction = direction or spec.directions[0]
     if direction not in spec.directions:

@@ -6,7 +6,9 @@ with the list of what is valid, so a typo never trains the wrong thing silently.
 """
 
 import dataclasses
+import math
 import numbers
+import operator
 import types
 import typing
 
@@ -138,3 +140,54 @@ def from_dict(cls_or_obj, data):
     obj = cls_or_obj() if isinstance(cls_or_obj, type) else cls_or_obj
     # JSON turned tuples into lists
     return apply_overrides(obj, {k: tuple(v) if isinstance(v, list) else v for k, v in flatten(data).items()})
+
+
+# ----------------------------------------------------------------------------- allowed values
+# A field declares what it allows beside itself: `field(default=..., metadata={"choices": (...)})`
+# for a word, {"min": 1}, {"max": 1}, {"below": 1} (exclusive) or {"above": 0} (exclusive) for a
+# number. A number (or each number of a tuple) must be finite, and >= 0 unless it declares its own
+# lower bound: no field of a run takes a negative value, and NaN fails every comparison silently.
+
+
+def checked(default, **rules):
+    """A dataclass field with its allowed values (see above), e.g. `steps: int = checked(1000, min=1)`."""
+    return dataclasses.field(default=default, metadata=rules)
+
+
+def check_values(obj, prefix: str = "") -> None:
+    """Raise ConfigError naming the first field of a (nested) dataclass outside its allowed values."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_values(value, f"{prefix}{f.name}.")
+            continue
+        allowed = _disallowed(value, f.metadata)
+        if allowed:
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            raise ConfigError(f"{prefix}{f.name}={shown} is not allowed: {allowed}")
+
+
+def _disallowed(value, rules) -> str:
+    """'' when `value` fits `rules`, else what is allowed."""
+    if "choices" in rules:
+        choices = rules["choices"]
+        return "" if value in choices else "one of " + ", ".join(repr(c) for c in choices)
+    values = [v for v in (value if isinstance(value, tuple) else (value,))
+                if isinstance(v, numbers.Real) and not isinstance(v, bool)]
+    bounds = _bounds(rules)
+    for v in values:
+        if not math.isfinite(v) or not all(ok(v) for ok, _ in bounds):
+            return "a finite number " + " and ".join(text for _, text in bounds)
+    return ""
+
+
+_LIMITS = {"min": (">=", operator.ge), "above": (">", operator.gt),
+           "max": ("<=", operator.le), "below": ("<", operator.lt)}
+
+
+def _bounds(rules) -> list:
+    """[(test, text)] of the declared limits; a lower bound of 0 unless one is declared."""
+    given = {k: rules[k] for k in _LIMITS if k in rules}
+    if "min" not in given and "above" not in given:
+        given = {"min": 0, **given}
+    return [(lambda v, op=_LIMITS[k][1], b=b: op(v, b), f"{_LIMITS[k][0]} {b:g}") for k, b in given.items()]

@@ -97,8 +97,11 @@ class GeneratorArtifact:
         if not os.path.exists(path):
             raise FileNotFoundError(f"no {CONFIG_FILE} in {folder} or {folder}/artifacts: "
                                     "not a logged generator")
-        with open(path) as f:
-            spec = json.load(f)
+        try:
+            with open(path) as f:
+                spec = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
         weights = load_file(os.path.join(folder, WEIGHTS_FILE))  # safetensors: tensors only, never pickles
         return cls(spec["model"], model_config(spec["model"], spec["config"]), spec["direction"], spec["net"],
                    weights, spec.get("image_size"), spec.get("swap_ab"))

@@ -14,6 +14,7 @@ import sys
 import time
 
 from pipeline import storage
+from pipeline.config import ConfigError
 from pipeline.run_config import DEFAULT_HOME, RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (or --working-dir)
@@ -33,7 +34,34 @@ def quiet() -> None:
 
 
 def ensure_dataset(cfg: RunConfig) -> dict:
-    """The dataset's manifest; ingests the recipe's known source on first use."""
+    """The dataset's manifest, checked to fill the run's batches; ingests the recipe's known source
+    on first use."""
+    manifest = _dataset(cfg)
+    check_batches_fit(cfg, manifest)
+    return manifest
+
+
+def check_batches_fit(cfg: RunConfig, manifest: dict) -> None:
+    """ConfigError, before Ray or MLflow start, when the training split cannot fill one batch on
+    each worker (the loop would stop on it after both had started; see pipeline.batches)."""
+    from pipeline.data import split_counts
+
+    split = cfg.data.train_split
+    try:
+        largest = max(split_counts(manifest, split).values(), default=0)
+    except KeyError:
+        raise ConfigError(f"data.train_split={split} is not allowed: one of {', '.join(manifest['counts'])} "
+                          f"(the splits of {storage.public_uri(cfg.data.path)})") from None
+    workers = cfg.scaling.num_workers
+    if largest // workers < cfg.train.batch_size:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is not allowed: at most {largest // workers}, the "
+            f"{split} split of {storage.public_uri(cfg.data.path)} holds {largest} images per domain "
+            f"for {workers} worker(s)"
+        )
+
+
+def _dataset(cfg: RunConfig) -> dict:
     from pipeline.data import check_current, ingest, read_manifest
 
     endpoint = cfg.storage.endpoint or None

@@ -30,6 +30,9 @@ def parse_model_ref(ref: str) -> ModelRef:
     """`ref` as one of the forms above; ValueError for a form that is none of them."""
     if os.path.exists(ref):
         return ModelRef(ref, "checkpoint" if checkpoint_folder(ref) else "folder", ref)
+    if ref.startswith(("/", ".", "~")) or os.path.isabs(ref):  # a path, never a registered name
+        raise FileNotFoundError(f"model path {ref} does not exist (a model is a registered name, "
+                                "models:/..., runs:/..., an exported generator or a checkpoint folder)")
     if ref.startswith("runs:/"):
         run_id, _, path = ref.removeprefix("runs:/").partition("/")
         return ModelRef(ref, "run", run_id, path)

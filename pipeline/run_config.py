@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from models import MODELS
-from pipeline.config import ConfigError, apply_overrides, flatten, from_dict, to_dict
+from pipeline.config import ConfigError, apply_overrides, check_values, checked, flatten, from_dict, to_dict
 
 DEFAULT_HOME = os.path.join(os.path.expanduser("~"), ".transmute")
 
@@ -27,11 +27,12 @@ class DataSettings:
     path: str = ""  # Parquet dataset made by prepare_data.py (local or s3://); "" = <home>/data/<dataset>
     dataset: str = ""  # known dataset name (facades, weizmann_horse, mnist2mnistm, digits)
     source: str = ""  # raw folder to ingest from when `path` holds no dataset; "" = the known source
-    load_size: int = 0  # resize to this before cropping; 0 = as stored
-    crop_size: int = 0  # random crop fed to the nets; 0 = the whole (resized) image
+    load_size: int = checked(0)  # resize to this before cropping; 0 = as stored
+    crop_size: int = checked(0)  # random crop fed to the nets; 0 = the whole (resized) image
     flip: bool = True
     swap_ab: bool = False  # aligned data: translate the right half to the left (pix2pix's BtoA)
-    reader: str = "ray"  # ray (Ray Data streams shards to each worker) | local (in-process, no Ray)
+    # ray (Ray Data streams shards to each worker) | local (in-process, no Ray)
+    reader: str = checked("ray", choices=("ray", "local"))
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
@@ -39,10 +40,10 @@ class DataSettings:
 
 @dataclass
 class TrainSettings:
-    steps: int = 1000  # generator updates
-    batch_size: int = 1  # PER WORKER: the global batch is batch_size × scaling.num_workers
+    steps: int = checked(1000, min=1)  # generator updates
+    batch_size: int = checked(1, min=1)  # PER WORKER: the global batch is batch_size × scaling.num_workers
     seed: int = 0
-    log_every: int = 10  # average step losses over this many steps, then log them
+    log_every: int = checked(10, min=1)  # average step losses over this many steps, then log them
     max_minutes: float = 0.0  # > 0: fit the whole run in this wall time; `steps` is then chosen (budget.py)
     started_at: float = 0.0  # epoch seconds the budget counts from (the driver's start); 0 = the loop's
 
@@ -50,7 +51,8 @@ class TrainSettings:
 @dataclass
 class OptimSettings:
     lr: float | None = None  # None = the model's paper rate (its module's LR), filled in by RunConfig
-    decay_from: float = 0.5  # fraction of steps at constant lr; then linear decay to 0 (CycleGAN)
+    # fraction of steps at constant lr; then linear decay to 0 (CycleGAN)
+    decay_from: float = checked(0.5, max=1)
 
 
 @dataclass
@@ -66,7 +68,7 @@ class RenormSettings:
     No warm-up (the final limits from step 0): warmup_steps 0 and all three fractions 0.
     """
 
-    rmax: float = 3.0
+    rmax: float = checked(3.0, min=1)  # 1: plain batch norm
     dmax: float = 5.0
     bn_until: float = 0.05  # fraction of train.steps trained as plain batch norm
     dmax_until: float = 0.25  # fraction of train.steps at which dmax reaches `dmax`
@@ -76,9 +78,9 @@ class RenormSettings:
 
 @dataclass
 class ScalingSettings:
-    num_workers: int = 1
+    num_workers: int = checked(1, min=1)
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = checked(1.0, above=0)
     max_failures: int = 2  # worker failures to recover from (from the latest checkpoint)
     bf16: bool = True  # autocast to bfloat16 (GPU only)
     channels_last: bool = True  # GPU only
@@ -88,15 +90,16 @@ class ScalingSettings:
 @dataclass
 class CheckpointSettings:
     every: int = 500  # steps; a checkpoint is also written at the end
-    keep: int = 2  # newest checkpoints kept in storage
+    keep: int = checked(2, min=1)  # newest checkpoints kept in storage
 
 
 @dataclass
 class EvalSettings:
     every: int = 500  # steps between validation evaluations (0 = only at the end)
-    max_images: int = 64
-    grid_rows: int = 4  # rows (images) of the logged sample grids
-    label_domain: str = "b"  # domain holding label maps (photo→labels scores); "" = none
+    max_images: int = checked(64, min=1)
+    grid_rows: int = checked(4, min=1)  # rows (images) of the logged sample grids
+    # domain holding label maps (photo→labels scores); "" = none
+    label_domain: str = checked("b", choices=("a", "b", ""))
     num_classes: int = 0  # label palette size (facades 12, weizmann_horse 2)
     train_mode_too: bool = False  # also evaluate in train mode (seed 000's norm gap)
     inception_path: str = ""  # TorchScript Inception on disk for FID/KID; "" = skip
@@ -124,7 +127,7 @@ class StorageSettings:
 @dataclass
 class RunConfig:
     recipe: str = ""
-    model_name: str = "cyclegan"
+    model_name: str = checked("cyclegan", choices=tuple(MODELS))
     model: Any = None  # MODELS[model_name].Config
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
@@ -172,25 +175,13 @@ def _pair(text):
 
 
 def validate(cfg: RunConfig) -> None:
-    checks = [
-        (cfg.train.steps >= 1, f"train.steps must be >= 1, got {cfg.train.steps}"),
-        (cfg.train.max_minutes >= 0, f"train.max_minutes must be >= 0, got {cfg.train.max_minutes}"),
-        (cfg.train.batch_size >= 1, f"train.batch_size must be >= 1, got {cfg.train.batch_size}"),
-        (cfg.scaling.num_workers >= 1, f"scaling.num_workers must be >= 1, got {cfg.scaling.num_workers}"),
-        (cfg.optim.lr >= 0, f"optim.lr must be >= 0, got {cfg.optim.lr}"),
-        (0.0 <= cfg.optim.decay_from <= 1.0, f"optim.decay_from must be in [0, 1]: {cfg.optim.decay_from}"),
-        (cfg.data.reader in ("ray", "local"), f"data.reader must be ray or local, got {cfg.data.reader!r}"),
-        (cfg.checkpoint.every >= 0 and cfg.eval.every >= 0, "checkpoint.every and eval.every must be >= 0"),
-        (cfg.eval.label_domain in ("", "a", "b"), f"eval.label_domain must be a, b or '' (none): "
-                                                  f"{cfg.eval.label_domain!r}"),
-        (cfg.renorm.rmax >= 1.0 and cfg.renorm.dmax >= 0.0, "renorm.rmax must be >= 1 and renorm.dmax >= 0"),
-        (0.0 <= cfg.renorm.bn_until <= min(cfg.renorm.rmax_until, cfg.renorm.dmax_until),
-         "renorm.bn_until must be >= 0 and not after renorm.rmax_until or renorm.dmax_until"),
-        (cfg.renorm.warmup_steps >= 0, f"renorm.warmup_steps must be >= 0, got {cfg.renorm.warmup_steps}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    """Every field within the values it declares (`checked`; numbers finite and >= 0 unless declared
+    otherwise), the model's included, then the rules that tie fields together."""
+    check_values(cfg)
+    r = cfg.renorm
+    if not r.bn_until <= min(r.rmax_until, r.dmax_until):
+        raise ConfigError(f"renorm.bn_until={r.bn_until:g} is not allowed: it must not come after "
+                          f"renorm.rmax_until ({r.rmax_until:g}) or renorm.dmax_until ({r.dmax_until:g})")
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
@@ -214,9 +205,20 @@ def to_json(cfg: RunConfig) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
 
 
-def from_json(text_or_dict) -> RunConfig:
-    data = json.loads(text_or_dict) if isinstance(text_or_dict, str) else dict(text_or_dict)
-    base = make_config(data.get("model_name", "cyclegan"))
+def from_json(text_or_dict, source: str = "") -> RunConfig:
+    """The RunConfig of a JSON text or dict; ConfigError naming `source` (its file) when it is not one."""
+    where = f"{source}: " if source else ""
+    try:
+        data = json.loads(text_or_dict) if isinstance(text_or_dict, str) else text_or_dict
+    except ValueError as e:
+        raise ConfigError(f"{where}not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise ConfigError(f"{where}a run config must be a JSON object {{key: value}}, not a JSON {kind}")
+    name = data.get("model_name", "cyclegan")
+    if name not in MODELS:
+        raise ConfigError(f"{where}model_name={name!r} is not allowed: one of {', '.join(map(repr, MODELS))}")
+    base = make_config(name)
     return from_dict(base, upgrade_keys(flatten(data)))
 
 

@@ -67,14 +67,24 @@ def _typed(cfg: RunConfig, key: str, text):
 def parse_space(items: list[str], cfg: RunConfig, json_file: str | None = None) -> list[Dimension]:
     specs = {}
     if json_file:
-        with open(json_file) as f:
-            specs.update(json.load(f))
+        specs.update(_space_file(json_file))
     for item in items:
         key, sep, spec = item.partition("=")
         if not sep:
             raise ConfigError(f"--space {item!r} must look like key=spec (e.g. renorm.rmax=uniform:1.5:5)")
         specs[key.strip()] = spec.strip()
     return [parse_dimension(k, v, cfg) for k, v in specs.items()]
+
+
+def _space_file(path: str) -> dict:
+    try:
+        with open(path) as f:
+            specs = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--space-file {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not isinstance(specs, dict):
+        raise ConfigError(f"--space-file {path}: must be a JSON object {{key: spec}}")
+    return specs
 
 
 def tune_space(dims: list[Dimension]) -> dict:

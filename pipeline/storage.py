@@ -10,6 +10,9 @@ Writes are atomic: a local file is written under a hidden temporary name in the 
 renamed; an S3 object only becomes visible when its PUT or multipart upload completes. Failed S3
 calls are retried a bounded number of times (botocore "standard" mode) and then raise
 StorageError, whose message names the endpoint, bucket and key but never a credential.
+Time is bounded too: $TRANSMUTE_S3_TIMEOUT_S (default 20 s) is shared out over the attempts of one
+call as its connect and read timeouts, for boto3 and pyarrow alike, so an endpoint that accepts
+connections but never answers fails one call in about that time (plus a few seconds of backoff).
 """
 
 import contextlib
@@ -32,8 +35,8 @@ except ImportError:
 
 S3 = "s3://"
 MAX_ATTEMPTS = 3  # bounded: a dead server fails in seconds, not minutes
-CONNECT_TIMEOUT_S = 3
-READ_TIMEOUT_S = 60
+CONNECT_TIMEOUT_S = 3  # at most; less when the call's time divided over its attempts is less
+TIMEOUT_ENV, DEFAULT_TIMEOUT_S = "TRANSMUTE_S3_TIMEOUT_S", 20.0  # one call, all its attempts
 TEMP_MARK = ".tmp-"  # hidden temp files: readers (pyarrow, Ray) skip names starting with "."
 # One PUT up to this size; above it a multipart upload, which is invisible until completed.
 TRANSFER = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=16 * 2**20) if boto3 else None
@@ -72,13 +75,29 @@ def _where(endpoint: str | None) -> str:
     return resolve_endpoint(endpoint) or "AWS S3 (default endpoint)"
 
 
+def timeouts() -> tuple[float, float]:
+    """(connect, read) seconds of one attempt of an S3 call: $TRANSMUTE_S3_TIMEOUT_S divided over
+    MAX_ATTEMPTS, the connect timeout at most CONNECT_TIMEOUT_S. A read timeout bounds each wait
+    for the next bytes, not a whole transfer, so large objects still stream."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    try:
+        total = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        total = -1.0
+    if not 0 < total < float("inf"):
+        raise StorageError(f"{TIMEOUT_ENV}={text} must be a number of seconds > 0 "
+                           f"(default {DEFAULT_TIMEOUT_S:g})")
+    per_attempt = total / MAX_ATTEMPTS
+    return min(CONNECT_TIMEOUT_S, per_attempt), per_attempt
+
+
 @lru_cache(maxsize=8)
-def _client(endpoint: str | None, identity: str):
+def _client(endpoint: str | None, identity: str, limits: tuple[float, float]):
     # `identity` only keys the cache, so that changed credentials get a new client.
     config = botocore.config.Config(
         retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
-        connect_timeout=CONNECT_TIMEOUT_S,
-        read_timeout=READ_TIMEOUT_S,
+        connect_timeout=limits[0],
+        read_timeout=limits[1],
         s3={"addressing_style": "path"} if endpoint else None,
     )
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
@@ -91,7 +110,7 @@ def client(endpoint: str | None = None):
         raise RuntimeError("s3:// paths need boto3, which is not installed here: pip install boto3")
     names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION")
     identity = hashlib.sha256("\0".join(os.environ.get(n, "") for n in names).encode()).hexdigest()
-    return _client(resolve_endpoint(endpoint), identity)
+    return _client(resolve_endpoint(endpoint), identity, timeouts())
 
 
 def _secrets() -> list[str]:
@@ -128,6 +147,9 @@ def _error(op: str, uri: str, endpoint: str | None, exc: Exception) -> StorageEr
         exc, botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectTimeoutError
     ):
         why = f"cannot connect after {MAX_ATTEMPTS} attempts (is the server running?)"
+    elif isinstance(exc, botocore.exceptions.ReadTimeoutError):
+        why = (f"no answer within {timeouts()[1]:g} s, {MAX_ATTEMPTS} attempts (is it an S3 server, and "
+               f"is it up? {TIMEOUT_ENV} sets the time a call may take)")
     else:
         why = f"{type(exc).__name__}: {exc}"
     msg = f"S3 {op} {uri} at {_where(endpoint)} failed: {why}"
@@ -297,10 +319,11 @@ def arrow_filesystem(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSy
         scheme, _, host = url.partition("://")
         kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    connect, read = timeouts()
     s3fs = pafs.S3FileSystem(
         region=region,
-        connect_timeout=CONNECT_TIMEOUT_S,
-        request_timeout=READ_TIMEOUT_S,
+        connect_timeout=connect,
+        request_timeout=read,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
         **kwargs,
     )

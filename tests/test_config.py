@@ -61,7 +61,7 @@ def test_optim_lr_is_the_one_rate_with_the_papers_default():
     assert override(cfg, ["optim.lr=none"]).optim.lr == 5e-5  # none: back to the paper's
     assert flat_params(cfg)["optim.lr"] == 1e-4 and "model.lr" not in flat_params(cfg)
     assert from_json(to_json(cfg)) == cfg
-    with pytest.raises(ConfigError, match="optim.lr must be >= 0"):
+    with pytest.raises(ConfigError, match=r"optim.lr=-0.0001 is not allowed: a finite number >= 0"):
         override(cfg, ["optim.lr=-1e-4"])
 
 
