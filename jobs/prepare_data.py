@@ -12,9 +12,9 @@ import logging
 import shlex
 import sys
 
-from pipeline import data, images, storage
+from pipeline import cli, data, images, storage
 
-OK, CRASH, USAGE, STORAGE, STRICT = 0, 1, 2, 3, 4
+OK, CRASH, USAGE, STORAGE, STRICT = cli.OK, cli.CRASH, cli.USAGE, cli.STORAGE, cli.CHECK  # shared by all jobs
 EXIT_CODES = f"""exit status:
   {OK}  done (rejected inputs, if any, are listed in the manifest and printed)
   {CRASH}  unexpected error (a bug: the traceback says where)

@@ -107,7 +107,7 @@ def promote(args) -> int:
         print(f"not promoting {args.name} version {version} to @{args.alias}:", file=sys.stderr)
         for reason in failed:
             print(f"  {reason}", file=sys.stderr)
-        return 1
+        return cli.CHECK
     if args.dry_run:
         print(f"{args.name} version {version} passes {checked}; --dry-run: @{args.alias} unchanged")
         return 0

@@ -143,10 +143,10 @@ def exit_status(record: dict, strict: bool) -> int:
     c = record["counts"]
     if strict and c["rejected"]:
         print(f"error: {c['rejected']} input(s) rejected (--strict)", file=sys.stderr)
-        return 1
+        return cli.CHECK
     if c["planned"] and not c["translated"]:
         print("error: nothing could be translated", file=sys.stderr)
-        return 1
+        return cli.CHECK
     return 0
 
 

@@ -8,13 +8,14 @@ import sys
 from pipeline.config import ConfigError
 from pipeline.storage import StorageError
 
-OK, FAILED, USAGE, STORAGE = 0, 1, 2, 3
+OK, CRASH, USAGE, STORAGE, CHECK = 0, 1, 2, 3, 4
 EXIT_STATUS = """Exit status (the same for every job):
   0  done
-  1  the job ran and its result fails a check it was asked for (see above); also an unexpected
-     crash, which prints a traceback
+  1  unexpected crash (a bug: the traceback says where)
   2  bad arguments, config (key, value, --config file), model or input path: fix the command
   3  storage or machine: S3 unreachable, silent or refusing (credentials), permission denied, disk full
+  4  the job ran and its result fails a check it was asked for (--strict, a promotion gate,
+     nothing could be translated)
 """
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 

@@ -414,9 +414,9 @@ def test_promotion_gates_production_and_jobs_translate_with_it(tracking_env, tmp
     job = ["--model", f"{NAME}@production", "--input", inputs, "--output", tmp_path / "out", "--no-ray"]
     assert run_cli(*job) == 2
     assert "has no alias 'production'" in capsys.readouterr().err
-    assert promote.main([NAME, "--metric", "test/psnr_ab", "--min", "1000"]) == 1
+    assert promote.main([NAME, "--metric", "test/psnr_ab", "--min", "1000"]) == 4
     assert "below --min 1000" in capsys.readouterr().err
-    assert promote.main([NAME, "--metric", "test/not_logged", "--max", "1"]) == 1
+    assert promote.main([NAME, "--metric", "test/not_logged", "--max", "1"]) == 4
     client = MlflowClient(tracking_env["uri"])
     assert "production" not in client.get_registered_model(NAME).aliases
     assert promote.main([NAME, "--version", "1", "--metric", "test/psnr_ab", "--min", "1",
@@ -446,11 +446,11 @@ def test_errors_name_the_model_the_input_and_what_to_do(tracking_env, photos, tm
 @pytest.mark.integration
 def test_strict_and_nothing_translatable_exit_non_zero(tracking_env, photos, tmp_path):
     assert run_cli("--model", f"{NAME}/1", "--input", photos, "--output", tmp_path / "a", "--no-ray",
-                   "--strict") == 1
+                   "--strict") == 4
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    assert run_cli("--model", f"{NAME}/1", "--input", broken, "--output", tmp_path / "b", "--no-ray") == 1
+    assert run_cli("--model", f"{NAME}/1", "--input", broken, "--output", tmp_path / "b", "--no-ray") == 4
     assert run_cli("--model", f"{NAME}/1", "--input", broken, "--output", tmp_path / "b", "--no-ray") == 0
 
 
