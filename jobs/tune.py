@@ -268,7 +268,7 @@ def run(args) -> dict:
     print(
         f"search {name}: {len(dims)} dimensions, {args.num_samples} samples, {args.scheduler}, "
         f"objective {args.metric} ({mode}); dataset {manifest.get('content_hash', '')}; "
-        f"MLflow parent run {parent_id} at {cfg.tracking.uri}",
+        f"MLflow parent run {parent_id} at {storage.public_uri(cfg.tracking.uri)}",
         flush=True,
     )
     init_ray(args.address, training_cpus(cfg))
