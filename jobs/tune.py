@@ -180,6 +180,7 @@ def parent_run(cfg: RunConfig, args, name: str, dims, mode: str) -> str:
 def make_tuner(args, cfg: RunConfig, dims, mode: str, name: str, storage_path: str):
     from ray import tune
 
+    search.keep_keys_out_of_trials()
     trainable = tune.with_parameters(search.run_trial, base_json=to_json(cfg), search_name=name)
     trainable = tune.with_resources(trainable, search.trial_resources(cfg, args.gpus_per_trial))
     filesystem, path = (
