@@ -25,7 +25,7 @@ from jobs.recipes import RECIPES, recipe  # noqa: E402
 from pipeline import cli, launch, storage  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
 from pipeline.launch import ensure_dataset, mark_failed, name_run, start_tracking, train  # noqa: E402
-from pipeline.run_config import RunConfig, override, resolve_paths, to_json  # noqa: E402
+from pipeline.run_config import RunConfig, override, public_config, resolve_paths, to_json  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -98,11 +98,12 @@ def main(argv=None) -> int:
 def run(args) -> int:
     cfg = build_config(args)
     if args.print_config:
-        print(to_json(cfg))
+        print(to_json(public_config(cfg)))
         return 0
     manifest = ensure_dataset(cfg)
     cfg = start_tracking(name_run(cfg, args.resume), manifest)
-    print(f"run {cfg.tracking.run_name}  (MLflow run {cfg.tracking.run_id} at {cfg.tracking.uri})")
+    where = storage.public_uri(cfg.tracking.uri)
+    print(f"run {cfg.tracking.run_name}  (MLflow run {cfg.tracking.run_id} at {where})")
     try:
         metrics = train(cfg, args.no_ray, args.address)
     except BaseException:
@@ -117,8 +118,8 @@ def run(args) -> int:
         text = json.dumps(result, indent=2, sort_keys=True, default=float)
         storage.write_bytes(args.metrics_json, text.encode())  # whole or not at all
     print(
-        f"done: checkpoints in {storage.join(cfg.storage.path, cfg.tracking.run_name)}\n"
-        f"compare runs: mlflow ui --backend-store-uri {cfg.tracking.uri}"
+        f"done: checkpoints in {storage.public_uri(storage.join(cfg.storage.path, cfg.tracking.run_name))}\n"
+        f"compare runs: mlflow ui --backend-store-uri {where}"
     )
     return 0
 

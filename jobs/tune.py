@@ -186,6 +186,7 @@ def parent_run(cfg: RunConfig, args, name: str, dims, mode: str) -> str:
 def make_tuner(args, cfg: RunConfig, dims, mode: str, name: str, storage_path: str):
     from ray import tune
 
+    search.keep_keys_out_of_trials()
     trainable = tune.with_parameters(search.run_trial, base_json=to_json(cfg), search_name=name)
     trainable = tune.with_resources(trainable, search.trial_resources(cfg, args.gpus_per_trial))
     filesystem, path = (
@@ -274,7 +275,7 @@ def run(args) -> dict:
     print(
         f"search {name}: {len(dims)} dimensions, {args.num_samples} samples, {args.scheduler}, "
         f"objective {args.metric} ({mode}); dataset {manifest.get('content_hash', '')}; "
-        f"MLflow parent run {parent_id} at {cfg.tracking.uri}",
+        f"MLflow parent run {parent_id} at {storage.public_uri(cfg.tracking.uri)}",
         flush=True,
     )
     init_ray(args.address, training_cpus(cfg))

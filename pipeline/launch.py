@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from urllib.parse import unquote, urlsplit
 
 from pipeline import storage
 from pipeline.config import ConfigError
@@ -146,16 +147,42 @@ def tracking_uri(explicit: str | None) -> str:
     from pipeline.tracking import resolve_tracking_uri
 
     home = os.environ.get("TRANSMUTE_HOME", DEFAULT_HOME)
-    return resolve_tracking_uri(explicit, os.path.expanduser(home))
+    return keep_credentials_out(resolve_tracking_uri(explicit, os.path.expanduser(home)))
 
 
 def with_tracking_uri(cfg: RunConfig) -> RunConfig:
     """The config with its MLflow URI resolved (the configured one, $MLFLOW_TRACKING_URI, or the
-    sqlite store under home), so that Ray workers log to the store this process chose."""
+    sqlite store under home), so that Ray workers log to the store this process chose. Credentials
+    in it move to the environment (`keep_credentials_out`): the config is logged and stored."""
     from pipeline.tracking import resolve_tracking_uri
 
-    uri = resolve_tracking_uri(cfg.tracking.uri or None, cfg.home)
+    uri = keep_credentials_out(resolve_tracking_uri(cfg.tracking.uri or None, cfg.home))
     return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=uri))
+
+
+def keep_credentials_out(uri: str) -> str:
+    """`uri` without its credentials, which never enter a config, param, checkpoint or printed line.
+
+    An http(s) URI's user:password@ moves into MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD
+    of this process (unless already set: the environment wins), where MLflow reads them; a local Ray
+    started afterwards passes them on to its workers. Other credentials (a database URI's password, a
+    token in the query) have no such place: refused, saying where to put them instead."""
+    public = storage.public_uri(uri)
+    if public == uri:
+        return uri
+    parts = urlsplit(uri)
+    bare = uri.replace(parts.netloc, parts.netloc.rpartition("@")[2], 1)  # without user:password@
+    if storage.public_uri(bare) == bare:  # the userinfo was the only secret
+        if parts.scheme in ("http", "https"):
+            os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username or ""))
+            os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password or ""))
+            return bare
+        if parts.password is None:
+            return uri  # a user name alone is no secret, and a database URI may need it
+    raise SystemExit(
+        f"error: the MLflow tracking URI {public} carries credentials; keep them out of the URI: set "
+        "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials) for a server, "
+        "PGPASSWORD or ~/.pgpass for PostgreSQL")
 
 
 def start_tracking(cfg: RunConfig, manifest: dict) -> RunConfig:
@@ -171,9 +198,9 @@ def start_tracking(cfg: RunConfig, manifest: dict) -> RunConfig:
         "recipe": cfg.recipe,
         "dataset": cfg.data.dataset,
         "dataset.content_hash": manifest.get("content_hash", ""),
-        "dataset.path": cfg.data.path,
+        "dataset.path": storage.public_uri(cfg.data.path),
         "git.commit": git_commit(),
-        "storage.path": storage.join(cfg.storage.path, cfg.tracking.run_name),
+        "storage.path": storage.public_uri(storage.join(cfg.storage.path, cfg.tracking.run_name)),
     }
     run_id = create_config_run(cfg, tags)
     return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, run_id=run_id))

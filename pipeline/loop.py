@@ -298,17 +298,25 @@ def ray_trainer(cfg, make_tracker=open_tracker, make_evaluator=build_evaluator):
                         scaling_config=scaling, run_config=run_config)
 
 
+# S3 settings a worker needs that hold no secret. Keys and tokens (AWS_ACCESS_KEY_ID,
+# AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) are never forwarded: Ray writes a runtime env to its logs.
+S3_SETTINGS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+               "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_CA_BUNDLE", "AWS_EC2_METADATA_DISABLED")
+
+
 def forwarded_env(cfg) -> dict:
-    """The driver's telemetry settings, and its S3 settings (AWS_*) for workers that read data or
-    write checkpoints on s3://.
-    Ray workers otherwise see the raylet's environment, which may predate these settings."""
+    """The driver's telemetry settings, and its S3 settings without credentials (S3_SETTINGS) for
+    workers that read data or write checkpoints on s3://. Ray workers otherwise see the raylet's
+    environment, which may predate these settings. Credentials come from the worker's own
+    environment: a local Ray started by the driver inherits the driver's; a cluster's nodes need
+    theirs (environment, a 0600 credentials file, an instance role)."""
     from pipeline import storage
     from pipeline.launch import QUIET
 
     quiet = {k: os.environ[k] for k in QUIET if k in os.environ}  # the driver's telemetry choice
     if not (storage.is_s3(cfg.data.path) or storage.is_s3(cfg.storage.path)):
         return quiet
-    return {**quiet, **{k: v for k, v in os.environ.items() if k.startswith("AWS_")}}
+    return {**quiet, **{k: os.environ[k] for k in S3_SETTINGS if k in os.environ}}
 
 
 def run_plain(cfg, device=None, make_tracker=open_tracker, make_evaluator=build_evaluator) -> dict:

@@ -229,8 +229,23 @@ def model_config(model_name: str, data: dict):
 
 
 def flat_params(cfg: RunConfig) -> dict:
-    """{dotted key: value} for MLflow params and Tune spaces."""
-    return flatten(cfg)
+    """{dotted key: value} for MLflow params and Tune spaces, URIs without credentials."""
+    return flatten(public_config(cfg))
+
+
+def public_config(cfg: RunConfig) -> RunConfig:
+    """The config as it may be logged, printed or stored (MLflow params, a checkpoint's config.json):
+    every URI in it without user:password@ or secret query parameters (`storage.public_uri`)."""
+    from pipeline.storage import public_uri
+
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, path=public_uri(cfg.data.path),
+                                 source=public_uri(cfg.data.source)),
+        storage=dataclasses.replace(cfg.storage, path=public_uri(cfg.storage.path),
+                                    endpoint=public_uri(cfg.storage.endpoint)),
+        tracking=dataclasses.replace(cfg.tracking, uri=public_uri(cfg.tracking.uri)),
+    )
 
 
 # Keys that moved, old name -> new name. Files written before the move (checkpoints' config.json,

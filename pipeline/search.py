@@ -187,6 +187,21 @@ def run_trainer_in_trial(cfg: RunConfig) -> None:
         raise result.error
 
 
+# What Ray Tune copies from the driver's environment into every trial's runtime env, which Ray writes
+# to its logs (ray.tune.execution.class_cache, Ray 2.x); the keys among them must stay out.
+AWS_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+def keep_keys_out_of_trials() -> None:
+    """Stop Tune sending the driver's AWS keys to trials in a runtime env (call before Tuner.fit).
+    Trials resolve S3 credentials as every worker does: from their node's environment (inherited
+    from the driver by a local Ray), a credentials file or an instance role."""
+    from ray.tune.execution import class_cache
+
+    propagated = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", set())
+    propagated.difference_update(AWS_SECRETS)  # in place: Tune reads the module's set at each trial
+
+
 def trial_resources(cfg: RunConfig, gpus_per_trial: float) -> dict:
     """Explicit per-trial requests so that trials queue rather than deadlock on a small cluster."""
     if cfg.scaling.num_workers == 1:

@@ -18,10 +18,13 @@ connections but never answers fails one call in about that time (plus a few seco
 import contextlib
 import hashlib
 import io
+import logging
 import os
+import re
 import shutil
 import uuid
 from functools import lru_cache
+from urllib.parse import unquote
 
 from pyarrow import fs as pafs
 
@@ -32,6 +35,8 @@ try:  # a GPU box may have torch and pyarrow but not boto3: local paths work wit
     from boto3.s3.transfer import TransferConfig
 except ImportError:
     boto3 = None
+
+log = logging.getLogger(__name__)
 
 S3 = "s3://"
 MAX_ATTEMPTS = 3  # bounded: a dead server fails in seconds, not minutes
@@ -108,6 +113,7 @@ def client(endpoint: str | None = None):
     """A boto3 S3 client with bounded retries and timeouts (cached per endpoint and identity)."""
     if boto3 is None:
         raise RuntimeError("s3:// paths need boto3, which is not installed here: pip install boto3")
+    warn_open_credentials()
     names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION")
     identity = hashlib.sha256("\0".join(os.environ.get(n, "") for n in names).encode()).hexdigest()
     return _client(resolve_endpoint(endpoint), identity, timeouts())
@@ -299,25 +305,21 @@ def make_bucket(uri: str, endpoint: str | None = None) -> None:
 def arrow_filesystem(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and the path inside it, for pyarrow / Ray Data readers.
 
-    For S3 the credentials are resolved once through boto3's chain (environment, config files,
-    profiles) so pyarrow and boto3 always agree on who is calling.
+    For S3 it holds no credentials: Ray Train, Tune and Ray Data pickle it to their workers, and a
+    pickle must never carry a key. Each process that uses it resolves them itself through the AWS
+    default chain (environment, AWS_SHARED_CREDENTIALS_FILE / AWS_PROFILE, instance role), the
+    same sources boto3 reads: a local Ray's workers inherit the driver's environment; on a cluster
+    each node's environment, credentials file or role provides them.
     """
     if not is_s3(uri):
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     bucket, key = split_s3(uri)
     url = resolve_endpoint(endpoint)
     kwargs = {}
-    creds = boto3.session.Session().get_credentials()
-    if creds is not None:
-        frozen = creds.get_frozen_credentials()
-        kwargs = {
-            "access_key": frozen.access_key,
-            "secret_key": frozen.secret_key,
-            "session_token": frozen.token,
-        }
     if url:
         scheme, _, host = url.partition("://")
         kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+    warn_open_credentials()
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     connect, read = timeouts()
     s3fs = pafs.S3FileSystem(
@@ -330,10 +332,38 @@ def arrow_filesystem(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSy
     return s3fs, f"{bucket}/{key}".rstrip("/")
 
 
+_warned = set()  # credentials files already warned about in this process
+
+
+def warn_open_credentials() -> None:
+    """Warn once if the AWS credentials file in use can be read by other users (mode wider than 0600)."""
+    path = os.path.expanduser(os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials")
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except OSError:
+        return
+    if mode & 0o077 and path not in _warned:
+        _warned.add(path)
+        log.warning("AWS credentials file %s has mode %o: other users can read it; chmod 600 %s",
+                    path, mode, path)
+
+
+# Query parameters that carry secrets: presigned S3 URLs (X-Amz-Signature, X-Amz-Credential,
+# X-Amz-Security-Token), tokens, passwords, keys, signatures. Matched on the name, case-insensitively.
+SECRET_PARAM = re.compile(r"^x-amz-|secret|token|passw|pwd|signature|credential|^sig$|^key$|api_?key|^auth",
+                          re.IGNORECASE)
+
+
 def public_uri(uri: str) -> str:
-    """The URI as it may be written in logs and manifests: any user:password@ part removed."""
+    """The URI as it may be logged, printed or stored: no user:password@ part, and no query parameter
+    whose name says it holds a secret (SECRET_PARAM). Other query parameters stay, because a stored
+    URI must still work (a database URI's sslmode=require); the fragment stays too."""
     scheme, sep, rest = str(uri).partition("://")
     if not sep:
         return str(uri)
+    rest, hash_, fragment = rest.partition("#")
+    rest, question, query = rest.partition("?")
     host, slash, path = rest.partition("/")
-    return f"{scheme}://{host.rpartition('@')[2]}{slash}{path}"
+    kept = [p for p in query.split("&") if p and not SECRET_PARAM.search(unquote(p.partition("=")[0]))]
+    query = "?" + "&".join(kept) if kept else ""
+    return f"{scheme}://{host.rpartition('@')[2]}{slash}{path}{query}{hash_}{fragment}"

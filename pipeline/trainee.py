@@ -116,13 +116,13 @@ def apply_learning_rate(cfg, trainee: Trainee) -> None:
 def save_checkpoint(cfg, session, trainee: Trainee, tracker) -> str:
     from pipeline import checkpoint as ckpt
     from pipeline.distributed import barrier
-    from pipeline.run_config import to_json
+    from pipeline.run_config import public_config, to_json
 
     step = trainee.progress.step
     directory = session.checkpoint_dir(step)
     parts = ckpt.Parts(trainee.nets, trainee.optimizers, trainee.schedulers, trainee.state,
                        dataclasses.asdict(trainee.progress))
-    ckpt.save(directory, parts, rank=session.rank, config_json=to_json(cfg))
+    ckpt.save(directory, parts, rank=session.rank, config_json=to_json(public_config(cfg)))
     barrier()
     if session.rank == 0:
         ckpt.write_meta(directory, {**dataclasses.asdict(trainee.progress), "run_id": cfg.tracking.run_id,

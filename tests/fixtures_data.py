@@ -45,12 +45,25 @@ def dataset_path(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One small local Ray for the whole session (reused if another fixture started one)."""
+    """One small local Ray for the whole session (reused if another fixture started one). Its nodes'
+    environment holds the test S3 server's credentials, as a cluster node's would: the project never
+    sends credentials to workers (the endpoint, which is no secret, travels with each run)."""
     import ray
+    from s3server import ACCESS_KEY, SECRET_KEY
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        node_env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+        before = {k: os.environ.get(k) for k in node_env}
+        os.environ.update(node_env)  # the raylet, and so every worker, inherits this environment
+        try:
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        finally:
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
