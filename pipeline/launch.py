@@ -179,8 +179,8 @@ def keep_credentials_out(uri: str) -> str:
             return bare
         if parts.password is None:
             return uri  # a user name alone is no secret, and a database URI may need it
-    raise SystemExit(
-        f"error: the MLflow tracking URI {public} carries credentials; keep them out of the URI: set "
+    raise ConfigError(  # exit 2 through pipeline.cli
+        f"the MLflow tracking URI {public} carries credentials; keep them out of the URI: set "
         "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or ~/.mlflow/credentials) for a server, "
         "PGPASSWORD or ~/.pgpass for PostgreSQL")
 

@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 
 from jobs import train as train_job
 from pipeline import data, launch, storage
+from pipeline.config import ConfigError
 
 SMALL = ["train.log_every=1", "eval.max_images=8", "scaling.cpus_per_worker=0.5"]
 
@@ -119,7 +120,7 @@ def test_tracking_credentials_move_to_the_environment(monkeypatch):
     assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice"
     assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "p@ss"
     assert launch.keep_credentials_out("postgresql://u@db/m") == "postgresql://u@db/m"  # no secret
-    with pytest.raises(SystemExit, match="postgresql://db/m carries credentials"):
+    with pytest.raises(ConfigError, match="postgresql://db/m carries credentials"):
         launch.keep_credentials_out("postgresql://u:S3CRET@db/m")
 
 
