@@ -187,7 +187,9 @@ def make_tuner(args, cfg: RunConfig, dims, mode: str, name: str, storage_path: s
     from ray import tune
 
     search.keep_keys_out_of_trials()
-    trainable = tune.with_parameters(search.run_trial, base_json=to_json(cfg), search_name=name)
+    searched = [d.key for d in dims if d.kind != "constant"]
+    trainable = tune.with_parameters(search.run_trial, base_json=to_json(cfg), search_name=name,
+                                     searched=searched, metric=args.metric)
     trainable = tune.with_resources(trainable, search.trial_resources(cfg, args.gpus_per_trial))
     filesystem, path = (
         storage.arrow_filesystem(storage_path, cfg.storage.endpoint or None)
@@ -249,9 +251,10 @@ def summarise(results, args, cfg: RunConfig, mode: str, out_dir: str, parent_id:
     parent.set_tags(
         {"best.trial_id": best.metrics.get("trial_id", ""), **{f"best.{k}": v for k, v in params.items()}}
     )
-    parent.log_metrics({f"best/{args.metric}": float(value)}, 0)
+    parent.log_metrics({"objective": float(value), f"best/{args.metric}": float(value)}, 0)
     parent.log_artifact(best_path)
     parent.log_artifact(table_path)
+    log_search_views(parent, table, args, cfg, out_dir, float(value), params)
     parent.end("FINISHED")
     return {
         "best_config": best_path,
@@ -259,6 +262,23 @@ def summarise(results, args, cfg: RunConfig, mode: str, out_dir: str, parent_id:
         "best_value": float(value),
         "best_params": params,
     }
+
+
+def log_search_views(parent, table, args, cfg: RunConfig, out_dir: str, value: float, params: dict) -> None:
+    """What the parent run shows: a plot of the objective against each searched key, and a
+    description (recipe, dataset, one-line result)."""
+    from pipeline.tracking import describe
+
+    dims = [d for d in search.parse_space(args.space, cfg, args.space_file) if d.kind != "constant"]
+    if dims:
+        plot = search.objective_plot(table, dims, args.metric, os.path.join(out_dir, "objective_vs_keys.png"))
+        parent.log_artifact(plot)
+    values = search.trial_display_name(params, [d.key for d in dims])
+    describe(cfg.tracking.uri, parent.run_id,
+             f"Search over {', '.join(d.key for d in dims) or 'nothing'} for recipe {args.recipe} on "
+             f"{cfg.data.dataset or cfg.data.path} ({len(table)} trials, {args.scheduler}): "
+             f"best {args.metric} = {value:.4f} with {values}. Plot: objective_vs_keys.png; "
+             "table: results.csv.")
 
 
 def run(args) -> dict:

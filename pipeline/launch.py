@@ -188,7 +188,7 @@ def keep_credentials_out(uri: str) -> str:
 def start_tracking(cfg: RunConfig, manifest: dict) -> RunConfig:
     """The config with a resolved MLflow URI and its run id: a new run tagged with its dataset,
     commit and checkpoint folder, unless it resumes one."""
-    from pipeline.tracking import create_config_run
+    from pipeline.tracking import attach_dataset, create_config_run
 
     cfg = with_tracking_uri(cfg)
     if cfg.tracking.run_id:
@@ -203,6 +203,7 @@ def start_tracking(cfg: RunConfig, manifest: dict) -> RunConfig:
         "storage.path": storage.public_uri(storage.join(cfg.storage.path, cfg.tracking.run_name)),
     }
     run_id = create_config_run(cfg, tags)
+    attach_dataset(cfg, run_id, manifest)
     return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, run_id=run_id))
 
 

@@ -252,7 +252,7 @@ def finish(run: Run, make_evaluator) -> dict:
         tracker.log_metrics(metrics, step)
         if test is not None:
             log_grids(cfg, test, trainee.nets, device, tracker, step, tag="test_samples")
-        register_generators(cfg, run.spec, run.model_cfg, trainee.nets, tracker, metrics)
+        register_generators(cfg, run.spec, run.model_cfg, trainee.nets, tracker, metrics, step)
         tracker.end("FINISHED")
     if trainee.resumed_from is not None:
         metrics["progress/resumed_from_step"] = trainee.resumed_from

@@ -52,9 +52,12 @@ def with_gaps(metrics: dict, reference: dict, name: str, gap: str) -> dict:
     return out
 
 
+GRID_TILE_MIN = 128  # px: smaller tiles are enlarged (nearest) so the MLflow UI shows them at a viewable size
+
+
 def log_grids(cfg, evaluator, nets, device, tracker, step: int, tag: str = "samples") -> None:
     with rng_fork(device):
-        grids = evaluator.grids(nets, n=cfg.eval.grid_rows)
+        grids = evaluator.grids(nets, n=cfg.eval.grid_rows, min_side=GRID_TILE_MIN)
     for direction, grid in grids.items():
         tracker.log_image(grid, f"{tag}/step{step:07d}_{direction}.png")
 
@@ -69,7 +72,9 @@ def input_example(cfg, spec, model_cfg, direction: str):
     return np.zeros((1, channels, size, size), np.float32)
 
 
-def register_generators(cfg, spec, model_cfg, nets, tracker, metrics: dict) -> None:
+def register_generators(cfg, spec, model_cfg, nets, tracker, metrics: dict, step: int) -> None:
+    """Log (and register) each generator with the final metrics, at the final `step`: logged at
+    step 0 they would add a last value as the first point of every curve."""
     from pipeline.generator_artifact import GeneratorArtifact
 
     if not cfg.tracking.log_models:
@@ -82,4 +87,5 @@ def register_generators(cfg, spec, model_cfg, nets, tracker, metrics: dict) -> N
         tracker.log_generator(
             artifact, input_example(cfg, spec, model_cfg, direction),
             registered_name=f"{base}-{direction}" if cfg.tracking.register else None, metrics=metrics,
+            step=step,
         )

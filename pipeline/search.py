@@ -139,22 +139,96 @@ def trial_config(base_json: str, params: dict, trial_id: str, trial_name: str) -
     return dataclasses.replace(cfg, tracking=tracking, storage=storage)
 
 
-def trial_run_id(cfg: RunConfig, trial_id: str, search_name: str) -> str:
+def trial_run_id(cfg: RunConfig, trial_id: str, search_name: str, display_name: str = "") -> str:
     """This trial's MLflow run: found by its trial id (after a restart, a PBT exploit or --resume)
-    or created under the search's parent run. A PBT exploit copies the donor's checkpoint, but never
-    its run: each trial logs to its own run."""
-    from pipeline.tracking import create_config_run, find_run
+    or created under the search's parent run, named `display_name` (its searched values) and with
+    the dataset attached. A PBT exploit copies the donor's checkpoint, but never its run: each
+    trial logs to its own run."""
+    from pipeline.data import read_manifest
+    from pipeline.tracking import attach_dataset, create_config_run, find_run
 
     tags = {"tune.trial_id": trial_id, "tune.search": search_name}
     found = find_run(cfg.tracking.uri, cfg.tracking.experiment, tags)
     if found:
         return found
-    tags.update({"model": cfg.model_name, "recipe": cfg.recipe, "dataset": cfg.data.dataset})
-    return create_config_run(cfg, tags)
+    tags.update({"model": cfg.model_name, "recipe": cfg.recipe, "dataset": cfg.data.dataset,
+                 "tune.trial_name": cfg.tracking.run_name})
+    run_id = create_config_run(cfg, tags, run_name=display_name or None)
+    attach_dataset(cfg, run_id, read_manifest(cfg.data.path, cfg.storage.endpoint or None))
+    return run_id
 
 
-def run_trial(params: dict, base_json: str, search_name: str) -> None:
-    """Tune's function trainable."""
+def short_value(value) -> str:
+    """1.6e-4, 586, 0.5, batch: three significant digits, exponents without padding."""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    text = f"{value:.3g}"
+    mantissa, e, exponent = text.partition("e")
+    if not e and value != 0 and abs(value) < 1e-3:
+        mantissa, e, exponent = f"{value:.2e}".partition("e")
+    if not e:
+        return text
+    mantissa = mantissa.rstrip("0").rstrip(".") if "." in mantissa else mantissa
+    return f"{mantissa}e{int(exponent)}"
+
+
+def trial_display_name(params: dict, searched=None) -> str:
+    """A trial's name in the MLflow UI: its searched values, e.g. "lr=1.6e-4 lambda_cycle=586
+    norm=batch" (keys by their last part unless two searched keys share it)."""
+    keys = [k for k in params if searched is None or k in searched]
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    names = [short if last.count(short) == 1 else key for key, short in zip(keys, last, strict=True)]
+    return " ".join(f"{n}={short_value(params[k])}" for n, k in zip(names, keys, strict=True))
+
+
+class ObjectiveFirst:
+    """A trial's tracker that also logs the search objective as `objective`, and logs it as the
+    run's first metric: MLflow's compare view plots the first metric the runs share (their
+    metrics in the order first logged), which was a constant baseline. Until the first
+    evaluation brings the objective, the loop's metrics wait here (their steps kept); `end`
+    flushes them if it never comes."""
+
+    def __init__(self, tracker, metric: str):
+        self.tracker, self.metric, self.waiting = tracker, metric, []
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        if self.metric in metrics:
+            objective = {"objective": metrics[self.metric]}
+            if self.waiting is not None:
+                self.tracker.log_metrics(objective, step)
+                self._flush()
+            metrics = {**metrics, **objective}
+        if self.waiting is not None:
+            self.waiting.append((dict(metrics), step))
+        else:
+            self.tracker.log_metrics(metrics, step)
+
+    def _flush(self) -> None:
+        waiting, self.waiting = self.waiting or [], None
+        for metrics, step in waiting:
+            self.tracker.log_metrics(metrics, step)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self._flush()
+        self.tracker.end(status)
+
+    def __getattr__(self, name):
+        return getattr(self.tracker, name)
+
+
+def objective_tracker(cfg, rank: int, metric: str = ""):
+    """The trial's tracker factory: `open_tracker`'s, in an `ObjectiveFirst` when there is an objective."""
+    from pipeline.session import open_tracker
+
+    tracker = open_tracker(cfg, rank)
+    return ObjectiveFirst(tracker, metric) if metric and tracker.run_id else tracker
+
+
+def run_trial(params: dict, base_json: str, search_name: str, searched=None, metric: str = "") -> None:
+    """Tune's function trainable. `searched`: the keys the search varies (the trial's name shows
+    their values; default all of `params`); `metric`: the objective, also logged as `objective`."""
+    import functools
+
     from ray import tune
 
     from pipeline.loop import run_training
@@ -162,25 +236,23 @@ def run_trial(params: dict, base_json: str, search_name: str) -> None:
 
     context = tune.get_context()
     cfg = trial_config(base_json, params, context.get_trial_id(), context.get_trial_name())
-    cfg = dataclasses.replace(
-        cfg,
-        tracking=dataclasses.replace(
-            cfg.tracking, run_id=trial_run_id(cfg, context.get_trial_id(), search_name)
-        ),
-    )
+    run_id = trial_run_id(cfg, context.get_trial_id(), search_name, trial_display_name(params, searched))
+    cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, run_id=run_id))
+    make_tracker = functools.partial(objective_tracker, metric=metric)
     if cfg.scaling.num_workers == 1:
-        run_training(cfg, TuneSession(cfg))
+        run_training(cfg, TuneSession(cfg), make_tracker)
     else:
-        run_trainer_in_trial(cfg)
+        run_trainer_in_trial(cfg, make_tracker)
 
 
-def run_trainer_in_trial(cfg: RunConfig) -> None:
+def run_trainer_in_trial(cfg: RunConfig, make_tracker=None) -> None:
     """Several workers per trial: a TorchTrainer whose reports reach Tune through a callback."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipeline.loop import ray_trainer
+    from pipeline.session import open_tracker
 
-    trainer = ray_trainer(cfg)
+    trainer = ray_trainer(cfg, make_tracker or open_tracker)
     trainer.run_config.callbacks = [*(trainer.run_config.callbacks or []), TuneReportCallback()]
     result = trainer.fit()
     if result.error:
@@ -216,3 +288,32 @@ def best_run_config(base_json: str, params: dict) -> str:
         cfg.tracking, run_id="", run_name="", parent_run_id="", register=True, log_models=True
     )
     return to_json(dataclasses.replace(cfg, tracking=tracking))
+
+
+def objective_plot(table, dims: list[Dimension], metric: str, path: str) -> str:
+    """One panel per searched key: each trial's objective (`metric`, its last reported value)
+    against the key's value, written as PNG at `path` (local). Log-scaled for loguniform keys;
+    categorical keys at evenly spaced positions named by their values."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(dims), figsize=(4 * len(dims), 3.4), squeeze=False)
+    for ax, d in zip(axes[0], dims, strict=True):
+        x, y = table[f"config/{d.key}"], table[metric]
+        if d.continuous or d.kind == "int":
+            ax.scatter(x.astype(float), y)
+            ax.set_xscale("log" if d.kind == "loguniform" else "linear")
+        else:
+            labels = [str(v) for v in d.values]
+            ax.scatter([labels.index(str(v)) for v in x], y)
+            ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlabel(d.key)
+        ax.set_ylabel(metric)
+    fig.suptitle(f"{metric} by trial")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -176,6 +176,16 @@ class RaySession(ReportedSession):
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
+def tune_checkpoint_uri(store) -> str:
+    """The URI of the checkpoint a Tune trial reports next, from its StorageContext: Tune numbers a
+    trial's checkpoints checkpoint_000000, 000001, ... and raises the index as it persists one."""
+    root = store.storage_fs_path
+    if store.storage_filesystem.type_name == "s3":
+        root = "s3://" + root
+    name = store._make_checkpoint_dir_name(store.current_checkpoint_index + 1)
+    return "/".join([root.rstrip("/"), store.experiment_dir_name, store.trial_dir_name, name])
+
+
 class TuneSession(ReportedSession):
     """The training loop inside one Tune trial actor: rank 0 of 1, checkpoints reported to Tune."""
 
@@ -191,9 +201,11 @@ class TuneSession(ReportedSession):
         return load_reported(tune.get_checkpoint(), load)
 
     def checkpoint_location(self, step: int) -> str:
+        """Where Tune will persist the checkpoint reported next: <storage>/<search>/<trial>/
+        checkpoint_<index> (the trial's own folder, not Ray's session folder that holds its logs)."""
         from ray import tune
 
-        return f"{tune.get_context().get_trial_dir()} (Tune checkpoint at step {step})"
+        return tune_checkpoint_uri(tune.get_context().get_storage())
 
     def _report(self, metrics: dict, directory: str | None, step: int) -> None:
         from ray import tune

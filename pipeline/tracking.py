@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from pipeline.evaluation import save_png, to_rgb
 
@@ -95,13 +96,59 @@ def create_run(tracking_uri: str, experiment: str, run_name: str, *, params: dic
     return run_id
 
 
-def create_config_run(cfg, tags: dict) -> str:
-    """A run for a RunConfig: its tracking settings, every config key as a param."""
+def create_config_run(cfg, tags: dict, run_name: str | None = None) -> str:
+    """A run for a RunConfig: its tracking settings, every config key as a param. `run_name`: the
+    name shown in the UI, when it differs from the config's (a trial named by its values)."""
     from pipeline.run_config import flat_params
 
     t = cfg.tracking
-    return create_run(t.uri, t.experiment, t.run_name, params=flat_params(cfg), tags=tags,
+    return create_run(t.uri, t.experiment, run_name or t.run_name, params=flat_params(cfg), tags=tags,
                       parent_run_id=t.parent_run_id or None, home=cfg.home)
+
+
+def describe(tracking_uri: str, run_id: str, text: str) -> None:
+    """The run's description (the text the UI shows on the run page, the `mlflow.note.content` tag)."""
+    MlflowClient(tracking_uri).set_tag(run_id, MLFLOW_RUN_NOTE, clip(text, MAX_TAG_LENGTH))
+
+
+class IngestedDataset(MetaDataset):
+    """An ingested dataset as MLflow knows datasets: its manifest's content hash as the digest and
+    the split counts as the profile; no data is uploaded (the run points at its source)."""
+
+    def __init__(self, source, name: str, digest: str, counts: dict):
+        self._counts = counts
+        super().__init__(source, name=name, digest=digest)
+
+    @property
+    def profile(self) -> dict:
+        return self._counts
+
+    def to_dict(self) -> dict[str, str]:
+        import json
+
+        return {**super().to_dict(), "profile": json.dumps(self._counts, sort_keys=True)}
+
+
+def dataset_entity(manifest: dict, name: str):
+    """The MLflow dataset of an ingest `manifest`: named `name`, digest = content hash, profile =
+    {split: {domain: images}}, source = where it was ingested from (a public URI: the manifest
+    keeps no credentials)."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    with warnings.catch_warnings():  # a local path resolves as two equal source kinds; either will do
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(manifest.get("source") or name))
+    digest = str(manifest.get("content_hash", ""))[:36] or None  # MLflow caps digests at 36 characters
+    return IngestedDataset(source, name, digest, manifest.get("counts", {}))._to_mlflow_entity()
+
+
+def log_dataset(tracking_uri: str, run_id: str, manifest: dict, name: str, context: str = "training") -> None:
+    """Attach the ingested dataset to the run (its Datasets panel, `mlflow.log_input`)."""
+    tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
+    dataset = DatasetInput(dataset_entity(manifest, name), tags)
+    MlflowClient(tracking_uri).log_inputs(run_id, datasets=[dataset])
 
 
 def find_run(tracking_uri: str, experiment: str, tags: dict) -> str | None:
@@ -208,3 +255,18 @@ def run_metrics(tracking_uri: str, run_id: str) -> dict[str, float]:
 def get_run_params(tracking_uri: str, run_id: str) -> dict[str, str]:
     """A run's params (flat dotted names, as `create_run` logged them)."""
     return dict(MlflowClient(tracking_uri).get_run(run_id).data.params)
+
+
+def attach_dataset(cfg, run_id: str, manifest: dict) -> None:
+    """The run's dataset (name, content hash, split counts, source) and a description that names it."""
+    name = cfg.data.dataset or os.path.basename(cfg.data.path.rstrip("/")) or "dataset"
+    log_dataset(cfg.tracking.uri, run_id, manifest, name)
+    describe(cfg.tracking.uri, run_id, f"{cfg.model_name} with recipe {cfg.recipe or '(none)'} on {name} "
+             f"({manifest.get('content_hash', '')[:12]}; {split_summary(manifest)})")
+
+
+def split_summary(manifest: dict) -> str:
+    """"train 8+8, val 4+4, test 4+4": images per domain in each split."""
+    return ", ".join(f"{split} {'+'.join(str(n) for n in counts.values())}"
+                     for split, counts in manifest.get("counts", {}).items())
+

@@ -7,6 +7,7 @@ launch.quiet()  # telemetry off before any test imports mlflow (the entry points
 
 from fixtures_data import *  # noqa: E402,F401,F403
 from mlflow_server import *  # noqa: E402,F401,F403
+from search_fixture import *  # noqa: E402,F401,F403
 
 
 @pytest.fixture(scope="module")

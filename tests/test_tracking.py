@@ -270,3 +270,55 @@ def test_importing_the_mlflow_modules_changes_no_environment():
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_DISABLE_TELEMETRY"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# ----------------------------------------------------------------------------- a tiny tracked training
+
+
+@pytest.fixture(scope="module")
+def tracked_run(facades_small_dst, tmp_path_factory):
+    """Two steps of tiny CycleGAN without Ray, its generators logged (not registered), in SQLite."""
+    from runs import tiny_run
+
+    from pipeline import launch, loop
+    from pipeline.data import read_manifest
+
+    tmp = tmp_path_factory.mktemp("tracked_run")
+    cfg = tiny_run(tmp, facades_small_dst, steps=2, every=2)
+    cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
+        cfg.tracking, uri=f"sqlite:///{tmp}/mlflow.db", log_models=True, register=False))
+    manifest = read_manifest(facades_small_dst)
+    cfg = launch.start_tracking(cfg, manifest)
+    loop.run_plain(cfg)
+    return MlflowClient(cfg.tracking.uri), cfg.tracking.run_id, manifest
+
+
+def test_final_metrics_are_logged_at_the_final_step_only(tracked_run):
+    client, run_id, _ = tracked_run
+    metrics = client.get_run(run_id).data.metrics
+    finals = [k for k in metrics if k.startswith(("eval/", "test/"))]
+    assert finals
+    for key in finals:  # the generators' metrics at step 0 once made every curve start at its end
+        assert {m.step for m in client.get_metric_history(run_id, key)} == {2}, key
+
+
+def test_training_run_carries_its_dataset_and_a_description(tracked_run, facades_small_dst):
+    client, run_id, manifest = tracked_run
+    run = client.get_run(run_id)
+    (given,) = run.inputs.dataset_inputs
+    assert given.dataset.digest == manifest["content_hash"][:36]
+    assert json.loads(given.dataset.profile) == manifest["counts"]
+    assert json.loads(given.dataset.source) == {"uri": manifest["source"]}
+    note = run.data.tags["mlflow.note.content"]
+    assert "test-cyclegan" in note and manifest["content_hash"][:12] in note
+
+
+def test_sample_grids_have_tiles_of_at_least_128_px(tracked_run, tmp_path):
+    from PIL import Image
+
+    client, run_id, _ = tracked_run
+    grid = Image.open(client.download_artifacts(run_id, "samples/step0000002_ab.png", str(tmp_path)))
+    rows, columns = 2, 3  # eval.grid_rows; input | output | reconstruction
+    assert (grid.height - 2) // rows - 2 >= 128 and (grid.width - 2) // columns - 2 >= 128, grid.size
+    pixels = np.asarray(grid)
+    assert (pixels[2:130:4, 2:130:4] == pixels[3:131:4, 3:131:4]).all()  # nearest: 4×4 blocks of one colour

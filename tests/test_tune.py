@@ -12,12 +12,14 @@ import time
 import pytest
 from mlflow import MlflowClient
 from ray_head import RayHead
+from search_fixture import METRIC
 
 from jobs import train as train_job
 from jobs import tune as tune_job
 from jobs.recipes import recipe
 from pipeline import search
 from pipeline.config import ConfigError
+from pipeline.data import read_manifest
 from pipeline.tracking import runs_under
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,9 +51,9 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
-def parent_and_children(uri, name):
+def parent_and_children(uri, name, experiment="transmute"):
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("transmute")
+    exp = client.get_experiment_by_name(experiment)
     (parent,) = client.search_runs(
         [exp.experiment_id], f"tags.`tune.search` = '{name}' and tags.`tune.role` = 'parent'"
     )
@@ -96,6 +98,93 @@ def test_space_from_a_json_file(tmp_path):
     path.write_text(json.dumps({"optim.lr": "loguniform:1e-5:1e-3", "model.norm": "choice:batch,instance"}))
     dims = search.parse_space(["model.norm=choice:instance"], recipe("dualgan_facades-quick"), str(path))
     assert {d.key: d.values for d in dims} == {"optim.lr": (1e-5, 1e-3), "model.norm": ("instance",)}
+
+
+def test_trial_names_show_the_searched_values():
+    params = {"optim.lr": 1.6e-4, "model.lambda_cycle": 586.3, "model.norm": "batch", "train.seed": 3}
+    name = search.trial_display_name(params, ["optim.lr", "model.lambda_cycle", "model.norm"])
+    assert name == "lr=1.6e-4 lambda_cycle=586 norm=batch"
+    assert search.trial_display_name({"model.lambda_a": 0.5, "renorm.lambda_a": 2e5}) == (
+        "model.lambda_a=0.5 renorm.lambda_a=2e5")  # a shared last part keeps the whole key
+
+
+def test_objective_first_tracker_logs_the_objective_before_anything_else():
+    class Recorder:
+        run_id, calls = "r", []
+
+        def log_metrics(self, metrics, step):
+            self.calls.append((list(metrics), step))
+
+        def end(self, status="FINISHED"):
+            self.calls.append(("end", status))
+
+    inner = Recorder()
+    tracker = search.ObjectiveFirst(inner, "eval/x")
+    tracker.log_metrics({"baseline/x": 0.1}, 0)
+    tracker.log_metrics({"loss/G": 1.0}, 1)
+    tracker.log_metrics({"eval/x": 0.5, "step": 2}, 2)
+    tracker.log_metrics({"loss/G": 0.9}, 3)
+    tracker.end()
+    assert inner.calls == [(["objective"], 2), (["baseline/x"], 0), (["loss/G"], 1),
+                           (["eval/x", "step", "objective"], 2), (["loss/G"], 3), ("end", "FINISHED")]
+
+
+# ----------------------------------------------------------------------------- what a search logs to MLflow
+
+
+@pytest.mark.integration
+def test_trial_runs_are_named_by_their_searched_values(tiny_search):
+    _, _, children = parent_and_children(tiny_search.uri, tiny_search.name)
+    assert sorted(c.info.run_name for c in children) == ["lr=0.001 norm=batch", "lr=2e-4 norm=batch"]
+
+
+@pytest.mark.integration
+def test_trial_checkpoint_tag_points_at_its_checkpoint_on_storage(tiny_search):
+    _, _, children = parent_and_children(tiny_search.uri, tiny_search.name)
+    for child in children:
+        latest = child.data.tags["checkpoint.latest"]
+        assert latest.startswith(os.path.join(tiny_search.storage, tiny_search.name) + "/"), latest
+        assert os.path.basename(latest) == "checkpoint_000001"  # the second report of 4 steps, every 2
+        assert {"meta.json", "nets.safetensors"} <= set(os.listdir(latest)), latest  # a real checkpoint
+        with open(os.path.join(latest, "meta.json")) as f:
+            assert json.load(f)["step"] == 4
+
+
+@pytest.mark.integration
+def test_trial_runs_carry_the_dataset(tiny_search, facades_small_dst):
+    manifest = read_manifest(facades_small_dst)
+    client, _, children = parent_and_children(tiny_search.uri, tiny_search.name)
+    for child in children:
+        (given,) = client.get_run(child.info.run_id).inputs.dataset_inputs
+        assert given.dataset.digest == manifest["content_hash"][:36]
+        assert json.loads(given.dataset.profile) == manifest["counts"]
+        assert json.loads(given.dataset.source) == {"uri": manifest["source"]}  # where it was ingested from
+        assert [(t.key, t.value) for t in given.tags] == [("mlflow.data.context", "training")]
+
+
+@pytest.mark.integration
+def test_objective_is_each_trials_first_metric(tiny_search):
+    """MLflow's compare view plots the first metric the runs share; a trial's baselines come first
+    in time, so without care that is a constant."""
+    client, _, children = parent_and_children(tiny_search.uri, tiny_search.name)
+    for child in children:
+        run = client.get_run(child.info.run_id)
+        assert list(run.data.metrics)[0] == "objective"
+        assert run.data.metrics["objective"] == run.data.metrics[METRIC]
+
+
+@pytest.mark.integration
+def test_search_parent_logs_a_plot_the_table_and_a_description(tiny_search, tmp_path):
+    client, parent, _ = parent_and_children(tiny_search.uri, tiny_search.name)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"objective_vs_keys.png", "results.csv", "best_config.json"} <= artifacts
+    from PIL import Image
+
+    plot = Image.open(client.download_artifacts(parent.info.run_id, "objective_vs_keys.png", str(tmp_path)))
+    assert plot.width >= 2 * plot.height  # two searched keys side by side (λ_A is constant)
+    note = parent.data.tags["mlflow.note.content"]
+    assert "dualgan_facades-quick" in note and f"best {METRIC} = " in note and "lr=" in note
+    assert parent.data.metrics["objective"] == pytest.approx(tiny_search.summary["best_value"])
 
 
 # ----------------------------------------------------------------------------- searches on the session's Ray

@@ -363,24 +363,24 @@ class Evaluator:
 
     # ------------------------------------------------------------------ grids
 
-    def grids(self, nets, n=4, mode=None):
+    def grids(self, nets, n=4, mode=None, min_side=0):
         """{direction: 3×H×W grid} on the same first n eval images every time, in inference `mode`
         (default `self.mode`), of the kinds the model declares (ModelSpec.grid_kinds): a multimodal
         model (BicycleGAN) adds "ab_z" (input | z = 0 | random z ...); a generator of pairs (CoGAN)
-        gives "pair" (x_a | x_b for fixed z)."""
+        gives "pair" (x_a | x_b for fixed z). `min_side`: tiles enlarged to at least this (`tile`)."""
         mode = self.mode if mode in (None, "auto") else mode
         if "pair" in self.spec.grid_kinds:
             x_a, x_b = self._generate_pairs(nets, n, mode)
-            return {"pair": tile([to_rgb(x_a), to_rgb(x_b)])}
+            return {"pair": tile([to_rgb(x_a), to_rgb(x_b)], min_side=min_side)}
         grids = {}
         for d in self.directions:  # rows of input | output | reconstruction (two-way models)
             x = self.data[d[0]][:n]
             columns = [x, self._translate(nets, x, d, mode, batch_size=len(x))]  # n rows, one batch
             if d[::-1] in self.directions:
                 columns.append(self._translate(nets, columns[1], d[::-1], mode, batch_size=len(x)))
-            grids[d] = tile([to_rgb(c) for c in columns])
+            grids[d] = tile([to_rgb(c) for c in columns], min_side=min_side)
         if "z_samples" in self.spec.grid_kinds and self.diversity_samples:
             x = self.data["a"][:n]
             columns = [x, self._translate(nets, x, "ab", mode), *self._z_samples(nets, x, mode)]
-            grids["ab_z"] = tile([to_rgb(c) for c in columns])
+            grids["ab_z"] = tile([to_rgb(c) for c in columns], min_side=min_side)
         return grids

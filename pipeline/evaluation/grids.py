@@ -67,8 +67,11 @@ def translation_grid(spec, cfg, nets, x, direction="ab", z=None, mode="auto"):
     return tile([to_rgb(c.float().cpu()) for c in columns])
 
 
-def tile(columns, pad=2):
-    """Tile equal-length N×3×H×W batches as columns of an image grid: one row per sample."""
+def tile(columns, pad=2, min_side=0):
+    """Tile equal-length N×3×H×W batches as columns of an image grid: one row per sample. With
+    `min_side`, tiles smaller than that are first enlarged by a whole factor, nearest-neighbour
+    (pixels stay sharp squares, no interpolated colours), so a 32-px grid is viewable in a browser."""
+    columns = [enlarge(c, min_side) for c in columns]
     n, _, h, w = columns[0].shape
     grid = torch.ones(3, n * (h + pad) + pad, len(columns) * (w + pad) + pad)
     for j, col in enumerate(columns):
@@ -76,6 +79,14 @@ def tile(columns, pad=2):
             top, left = pad + i * (h + pad), pad + j * (w + pad)
             grid[:, top:top + h, left:left + w] = col[i]
     return grid
+
+
+def enlarge(images, min_side):
+    """N×C×H×W enlarged by the smallest whole factor that makes min(H, W) >= min_side."""
+    factor = -(-min_side // min(images.shape[-2:])) if min_side else 1
+    if factor <= 1:
+        return images
+    return images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
 
 
 def save_png(image, path):
