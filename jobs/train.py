@@ -9,8 +9,9 @@ checkpoints under <home>/runs, datasets under <home>/data, with home = $TRANSMUT
 ~/.transmute (made absolute here, so a job submitted with --working-dir writes to the same store).
 Ray puts the uploaded --working-dir first on the job's PYTHONPATH, so a cluster needs the
 dependencies but no install of this project; locally, `make venv` installs it (editable).
-`train.batch_size` is per worker. `--resume NAME` continues run NAME from its latest checkpoint,
-in the same MLflow run.
+`train.batch_size` is per worker. `--resume NAME` continues run NAME from its newest intact checkpoint
+(a corrupt newer one is skipped with a warning naming its bad file), in the same MLflow run; a
+resume that fails before training leaves a finished run's MLflow status as it was.
 """
 
 import argparse
@@ -22,6 +23,7 @@ STARTED = time.time()  # a --minutes budget counts from here, start-up included
 
 from jobs.recipes import RECIPES, recipe  # noqa: E402
 from pipeline import launch, storage  # noqa: E402
+from pipeline.checkpoint import CorruptCheckpoint  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
 from pipeline.launch import ensure_dataset, mark_failed, name_run, start_tracking, train  # noqa: E402
 from pipeline.run_config import RunConfig, override, resolve_paths, to_json  # noqa: E402
@@ -99,6 +101,10 @@ def main(argv=None) -> int:
     print(f"run {cfg.tracking.run_name}  (MLflow run {cfg.tracking.run_id} at {cfg.tracking.uri})")
     try:
         metrics = train(cfg, args.no_ray, args.address)
+    except CorruptCheckpoint as e:  # every checkpoint of the run is corrupt: say which file
+        mark_failed(cfg)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except BaseException:
         mark_failed(cfg)
         raise
