@@ -170,10 +170,10 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def verify(directory: str) -> None:
-    """Raise CorruptCheckpoint naming the first file that is missing or differs from its rank's
-    digests. Checkpoints written before digests existed (no `digests` in meta.json) pass; their
-    files are still named if they fail to load."""
+def verify(directory: str, files: tuple[str, ...] | None = None) -> None:
+    """Raise CorruptCheckpoint naming the first file (of `files`, default all) that is missing or
+    differs from its rank's digests. Checkpoints written before digests existed (no `digests` in
+    meta.json) pass; their files are still named if they fail to load."""
     path = os.path.join(directory, META)
     meta = _read(path, lambda p: json.loads(storage.read_bytes(p))) if os.path.exists(path) else {}
     if not meta.get("digests"):
@@ -186,6 +186,8 @@ def verify(directory: str) -> None:
         except (OSError, ValueError) as e:
             raise CorruptCheckpoint(listing, f"cannot read rank {rank}'s digests ({e})") from None
         for name, expected in digests.items():
+            if files is not None and name not in files:
+                continue
             path = os.path.join(directory, name)
             if not os.path.isfile(path):
                 raise CorruptCheckpoint(path, "missing")
@@ -198,6 +200,8 @@ def _read(path: str, reader):
     """`reader(path)`, with any failure to read or parse the file named as a CorruptCheckpoint."""
     try:
         return reader(path)
+    except (MemoryError, torch.OutOfMemoryError):  # the machine's trouble, not the file's
+        raise
     except Exception as e:  # safetensors, zip and unpickler errors share no base class
         raise CorruptCheckpoint(path, f"{type(e).__name__}: {e}") from None
 
@@ -368,7 +372,7 @@ def export_generator(directory: str, direction: str | None = None, folder: str |
     from pipeline.generator_artifact import GeneratorArtifact
     from pipeline.run_config import from_json, image_size
 
-    verify(directory)
+    verify(directory, (NETS, CONFIG))  # what a generator needs: a bad train.pt does not stop it
     cfg = from_json(read_config_json(directory))
     spec = MODELS[cfg.model_name]
     direction = direction or spec.directions[0]
