@@ -9,9 +9,11 @@ checkpoints under <home>/runs, datasets under <home>/data, with home = $TRANSMUT
 ~/.transmute (made absolute here, so a job submitted with --working-dir writes to the same store).
 Ray puts the uploaded --working-dir first on the job's PYTHONPATH, so a cluster needs the
 dependencies but no install of this project; locally, `make venv` installs it (editable).
-`train.batch_size` is per worker. `--resume NAME` continues run NAME from its latest checkpoint,
-in the same MLflow run. Every config value is checked (and the batch against the dataset's
-training split) before Ray or an MLflow run starts. Status 1 below: training itself failed.
+`train.batch_size` is per worker. `--resume NAME` continues run NAME from its newest intact checkpoint
+(a corrupt newer one is skipped with a warning naming its bad file), in the same MLflow run; a
+resume that fails before training leaves a finished run's MLflow status as it was. Every config
+value is checked (and the batch against the dataset's training split) before Ray or an MLflow run
+starts. Status 1 below: training itself failed.
 """
 
 import argparse
@@ -23,6 +25,7 @@ STARTED = time.time()  # a --minutes budget counts from here, start-up included
 
 from jobs.recipes import RECIPES, recipe  # noqa: E402
 from pipeline import cli, launch, storage  # noqa: E402
+from pipeline.checkpoint import CorruptCheckpoint  # noqa: E402
 from pipeline.config import ConfigError  # noqa: E402
 from pipeline.launch import ensure_dataset, mark_failed, name_run, start_tracking, train  # noqa: E402
 from pipeline.run_config import RunConfig, override, public_config, resolve_paths, to_json  # noqa: E402
@@ -106,6 +109,10 @@ def run(args) -> int:
     print(f"run {cfg.tracking.run_name}  (MLflow run {cfg.tracking.run_id} at {where})")
     try:
         metrics = train(cfg, args.no_ray, args.address)
+    except CorruptCheckpoint as e:  # every checkpoint of the run is corrupt: say which file
+        mark_failed(cfg)
+        print(f"error: {e}", file=sys.stderr)
+        return cli.STORAGE
     except BaseException:
         mark_failed(cfg)
         raise

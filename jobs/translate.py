@@ -20,8 +20,9 @@ shards, with `_manifest.json` holding each output's lineage.
 A rerun translates only what the output does not list yet for this model version and these
 settings (by input sha256 and sample); a killed run is completed by running it again. Inputs of
 another size are resized to the model's size and the outputs brought back (--no-keep-size keeps
-the model's size). Unreadable images are listed and skipped; the exit status is 1 only with
---strict (any rejected input) or when nothing at all could be translated, 2 for a usage error.
+the model's size). Unreadable images are listed and skipped (by content, or by path when they
+cannot be read at all) and not retried; the exit status is 1 only with --strict (any rejected
+input) or when nothing at all could be translated, 2 for a usage error or a corrupt checkpoint.
 MLflow: --tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///<home>/mlflow.db as jobs/train.py.
 """
 

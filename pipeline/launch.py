@@ -208,10 +208,12 @@ def start_tracking(cfg: RunConfig, manifest: dict) -> RunConfig:
 
 
 def mark_failed(cfg: RunConfig) -> None:
-    from pipeline.tracking import Tracker
+    """FAILED for a run that was RUNNING (a new one, or a resume that reattached to it); a finished
+    run whose resume failed before training keeps its status."""
+    from pipeline.tracking import fail_if_running
 
     try:
-        Tracker(cfg.tracking.uri, cfg.tracking.run_id).end("FAILED")
+        fail_if_running(cfg.tracking.uri, cfg.tracking.run_id)
     except Exception as e:  # the original error matters more than this one
         print(f"warning: could not mark MLflow run {cfg.tracking.run_id} failed: {e}", file=sys.stderr)
 

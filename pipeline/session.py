@@ -104,10 +104,9 @@ class PlainSession:
         self.root = os.path.join(cfg.storage.path, cfg.tracking.run_name)
 
     def restore(self, load):
-        from pipeline.checkpoint import latest_local
+        from pipeline.checkpoint import restore_newest
 
-        directory = latest_local(self.root)
-        return load(directory) if directory else None
+        return restore_newest(self.root, load)
 
     def checkpoint_dir(self, step: int) -> str:
         from pipeline.checkpoint import local_checkpoint_dir
@@ -161,9 +160,16 @@ class RaySession(ReportedSession):
         self.device = ray.train.torch.get_device()
 
     def restore(self, load):
+        """The newer of Ray's record and the newest intact checkpoint in the run's storage folder:
+        a worker killed after its checkpoint was written but before Ray registered it would
+        otherwise redo those steps (or all of them, from step 0)."""
         import ray.train
 
-        return load_reported(ray.train.get_checkpoint(), load)
+        from pipeline import storage
+        from pipeline.checkpoint import restore_newest
+
+        root = storage.join(self.cfg.storage.path, self.cfg.tracking.run_name)
+        return restore_newest(root, load, self.cfg.storage.endpoint or None, ray.train.get_checkpoint())
 
     def checkpoint_location(self, step: int) -> str:
         return checkpoint_uri(self.cfg, step)

@@ -246,6 +246,16 @@ class Tracker:
         self.client.set_terminated(self.run_id, status)
 
 
+def fail_if_running(tracking_uri: str, run_id: str) -> bool:
+    """Mark a RUNNING run FAILED; any other status is left alone (a resume that failed before it
+    reattached must not turn a FINISHED run into a FAILED one). Returns whether it marked it."""
+    client = MlflowClient(tracking_uri)
+    if client.get_run(run_id).info.status != "RUNNING":
+        return False
+    client.set_terminated(run_id, "FAILED")
+    return True
+
+
 def run_metrics(tracking_uri: str, run_id: str) -> dict[str, float]:
     """The latest value of every metric of a run (a Ray Train result carries only the metrics of
     its last checkpoint, not the test metrics reported after it)."""

@@ -35,8 +35,10 @@ version or other settings are dropped (that model's outputs are redone), and fil
 does not list (what a killed run wrote after its last commit) are removed. So a killed run leaves
 only complete files, the rerun redoes exactly what is unlisted, and every listed (input, sample)
 has exactly one output. Inputs that cannot be decoded are listed under "rejected" by sha256 and
-not tried again until their content changes. Two runs must not write one folder at once: the
-schedules in infra/ avoid overlaps, and a run stops if a later run has claimed its folder.
+not tried again until their content changes; inputs that cannot be read at all are listed by path
+(`outputs.unreadable_key`) and tried again once they can be read. Two runs must not write one
+folder at once: the schedules in infra/ avoid overlaps, and a run stops if a later run has claimed
+its folder.
 
 The names callers use are importable from here.
 """

@@ -57,7 +57,8 @@ class Outputs:
     @property
     def rejected(self) -> dict:
         """input sha256 -> {input_id, reason}: inputs that cannot be decoded are not tried again
-        until their content changes (a new sha256)."""
+        until their content changes (a new sha256); inputs that cannot be read at all (a dangling
+        link, a special file) under `unreadable_key(path)` until they can be read."""
         return self.index["rejected"]
 
     def open(self, work: Work, header: dict, overwrite: bool = False) -> None:
@@ -114,9 +115,9 @@ class Outputs:
         for entry in entries:
             if entry["status"] == "ok":
                 self.entries[entry["key"]] = {k: v for k, v in entry.items() if k not in ("key", "status")}
-            elif entry["input_sha256"]:  # unreadable now (no hash) is tried again next time
+            else:  # by content; an input that could not be read has none, so by its path
                 reason = {"input_id": entry["input_id"], "reason": entry["reason"], "job_key": job_key}
-                self.rejected[entry["input_sha256"]] = reason
+                self.rejected[entry["input_sha256"] or unreadable_key(entry["input_id"])] = reason
 
     def commit(self, every_s: float = 0.0) -> None:
         """Replace the output index atomically (at most once per `every_s` seconds)."""
@@ -143,6 +144,11 @@ class Outputs:
         self.index["runs"] = (self.index.get("runs", []) + [record])[-KEPT_RUNS:]
         self.commit()
         self.clean()  # Parquet shards whose every row was redone
+
+
+def unreadable_key(input_id: str) -> str:
+    """The rejected-inputs key of an input that could not be read (no content to hash)."""
+    return "unreadable:" + input_id
 
 
 def load_output_index(root: str, endpoint: str | None = None) -> dict:

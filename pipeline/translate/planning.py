@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from pipeline import data, images, storage
 from pipeline.generator_artifact import GeneratorArtifact
 from pipeline.translate.job import Job, Task, Work, entry_key
-from pipeline.translate.outputs import KIND, visible_files
+from pipeline.translate.outputs import KIND, unreadable_key, visible_files
 
 HASH_THREADS = 16  # hashing folder inputs waits on reads (S3), not on the CPU
 
@@ -75,8 +75,8 @@ def plan(work: Work, source: Source, done: dict, rejected: dict | None = None, p
         inputs, shards = _dataset_inputs(source, work.job.generator)
     unique, duplicates = _unique(inputs)
     rejected = rejected or {}
-    before = [i for i in unique if i[1] in rejected]
-    unique = [i for i in unique if i[1] not in rejected]
+    before = [i for i in unique if _rejected_before(i, rejected)]
+    unique = [i for i in unique if not _rejected_before(i, rejected)]
     taken = {e["name"]: key.rpartition("/")[0] for key, e in done.items()}
     names = output_names([i for i, _, _ in unique], taken, {i: s for i, s, _ in unique})
     tasks, skipped, samples = {}, 0, work.job.samples
@@ -90,6 +90,13 @@ def plan(work: Work, source: Source, done: dict, rejected: dict | None = None, p
     return Plan(tasks, sum(len(t.samples) for t in tasks.values()), counts, shards)
 
 
+def _rejected_before(item: tuple, rejected: dict) -> bool:
+    """Rejected by an earlier run: its content (sha256), or, still unreadable, its path; an input
+    readable again has a sha256 and is tried."""
+    input_id, sha, _ = item
+    return (sha if sha is not None else unreadable_key(input_id)) in rejected
+
+
 def _folder_inputs(source: Source) -> tuple[list[tuple], list[str]]:
     """(id, sha256, uri) of every image in the folder, hashed on a thread pool; other files ignored."""
     files = visible_files(source.data_path, source.endpoint)
@@ -97,6 +104,8 @@ def _folder_inputs(source: Source) -> tuple[list[tuple], list[str]]:
     uris = [storage.join(source.data_path, f) for f in wanted]
 
     def digest(uri: str) -> str | None:
+        if special_file(uri):  # unreadable: BatchTranslator reports it per item
+            return None
         try:
             return data.sha256(storage.read_bytes(uri, source.endpoint))
         except OSError:  # unreadable now: BatchTranslator reports it per item
@@ -105,6 +114,12 @@ def _folder_inputs(source: Source) -> tuple[list[tuple], list[str]]:
     with ThreadPoolExecutor(HASH_THREADS) as pool:
         shas = list(pool.map(digest, uris))
     return list(zip(wanted, shas, uris, strict=True)), [f for f in files if f not in set(wanted)]
+
+
+def special_file(uri: str) -> bool:
+    """A local name that is there but no regular file (a fifo, socket or device named like an
+    image): reading it could block for ever, so it is never opened."""
+    return not storage.is_s3(uri) and os.path.exists(uri) and not os.path.isfile(uri)
 
 
 def _dataset_inputs(source: Source, generator: GeneratorArtifact) -> tuple[list[tuple], list[str]]:

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from pipeline import storage
 from pipeline.translate.job import Job, RunOptions, Work
-from pipeline.translate.outputs import Outputs, now
+from pipeline.translate.outputs import Outputs, now, unreadable_key
 from pipeline.translate.planning import Plan, Source, plan, resolve
 from pipeline.translate.ray_runner import ray_batches
 from pipeline.translate.worker import BatchTranslator
@@ -25,6 +25,8 @@ def run(job: Job, source: Source, options: RunOptions | None = None) -> dict:
     work = resolve(job, source)  # complete before the folder is opened: its key filters the output index
     outputs.open(work, _header(work, source), options.overwrite)
     todo = plan(work, source, outputs.entries, outputs.rejected, options.pairs)
+    for input_id in todo.tasks:  # planned again: readable now, so its record by path is stale
+        outputs.rejected.pop(unreadable_key(input_id), None)
     work = replace(work, tasks=todo.tasks)  # tasks are no part of the key
     counts = {**todo.counts, "planned": todo.outputs, "translated": 0, "rejected": 0}
     rejected = []

@@ -14,6 +14,7 @@ from pipeline import data, images, storage
 from pipeline.translate.core import Translator, decode_input, encode_output, latent
 from pipeline.translate.job import FORMATS, Work, entry_key
 from pipeline.translate.outputs import OUTPUT_SCHEMA
+from pipeline.translate.planning import special_file
 
 
 class BatchTranslator:
@@ -52,6 +53,8 @@ class BatchTranslator:
     def _read(self, work: tuple) -> tuple:
         """(task, sha256, pixels, None), or (task, sha256, None, reason) for an unusable input."""
         task, row = work
+        if "image" not in row and special_file(task.uri):
+            return task, None, None, "cannot read: not a regular file (a fifo, socket or device)"
         try:
             blob = row["image"] if "image" in row else storage.read_bytes(task.uri, self.job.endpoint)
         except OSError as e:
