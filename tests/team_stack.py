@@ -145,6 +145,7 @@ class MlflowAuthServer:
         return path
 
     def start(self) -> "MlflowAuthServer":
+        """Launch without waiting (its database migrations take a while): `wait()` before use."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         argv = service_argv("mlflow", host=self.host, port=str(self.port), workers="1",
                             backend_store_uri=self.tracking_db, allowed_hosts=f"{self.host}:{self.port}")
@@ -154,8 +155,10 @@ class MlflowAuthServer:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          cwd=self.workdir, start_new_session=True)
-        wait_http(self.uri + "/health", self.proc, self.log)
         return self
+
+    def wait(self) -> None:
+        wait_http(self.uri + "/health", self.proc, self.log)
 
     def stop(self) -> None:
         stop_group(self.proc)
@@ -177,7 +180,7 @@ class RayNode:
     def stop(self) -> None:
         import psutil
 
-        stop_group(self.proc)
+        stop_group(self.proc, grace_s=3)  # Ray drains for up to 30 s; nothing here needs the drain
         deadline = time.time() + 30
         while self.leftovers() and time.time() < deadline:
             for pid in self.leftovers():

@@ -229,106 +229,139 @@ def result_node_ips(s3, bucket: str, prefix: str) -> set[str]:
     return ips
 
 
-@pytest.mark.integration
-def test_tune_on_two_ray_nodes_logs_to_the_shared_mlflow_then_translates(tmp_path, monkeypatch):
-    stack, head, netns = Stack(), None, None
-    try:
-        netns = stack.add(Netns().start())
-        host = netns.host_ip
-        pg = stack.add(Postgres().start())
-        s3 = stack.add(S3Server(tmp_path / "s3", host=host).start())
-        for bucket in ("mlflow", "transmute"):
-            s3.make_bucket(bucket)
-        # what infra/.env holds for compose
-        env_file = {"POSTGRES_PASSWORD": pg.env()["PGPASSWORD"], "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
-                    "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
-                    "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD,
-                    "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-                    "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-        databases = pg.create_database("mlflow"), pg.create_database("mlflow_auth")
-        mlflow = MlflowAuthServer(tmp_path / "mlflow", host, free_port(), *databases, env_file, s3.endpoint)
-        stack.add(mlflow.start())
-        # the dataset on S3, as a team keeps it
-        for key, value in s3.env().items():
-            monkeypatch.setenv(key, value)
-        dataset = "s3://transmute/data/facades"
-        data.ingest(str(REPO / "tests" / "assets" / "facades_small"), dataset,
-                    data.IngestOptions(shard_rows=8), progress=False)
+class Team:
+    """The servers of the test, started from infra/compose.yaml's services, and what they hold."""
 
-        # two Ray nodes: compose's ray-head and ray-worker services, commands and environments
-        home = tmp_path / "home"
-        replace = {"http://mlflow:5000": mlflow.uri, "http://s3:8333": s3.endpoint,
-                   "/home/ray/transmute": str(home)}
-        path = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-        assert service_env("ray-head", env_file, replace) == service_env("ray-worker", env_file, replace)
-        node_env = {**os.environ, **path, "RAY_USAGE_STATS_ENABLED": "0",
-                    **service_env("ray-head", env_file, replace)}
-        gcs, dash = free_port(), free_port()
+    def __init__(self, tmp_path: Path, stack: Stack):
+        self.tmp, self.stack, self.timings, self.t0 = tmp_path, stack, {}, time.monotonic()
+        self.home = tmp_path / "home"
+        self.dataset = "s3://transmute/data/facades"
+
+    def mark(self, phase: str) -> None:
+        now = time.monotonic()
+        self.timings[phase] = round(now - self.t0, 1)
+        self.t0 = now
+
+    def start_servers(self) -> None:
+        self.netns = self.stack.add(Netns().start())
+        self.host = self.netns.host_ip
+        self.pg = self.stack.add(Postgres().start())
+        self.s3 = self.stack.add(S3Server(self.tmp / "s3", host=self.host).start())
+        for bucket in ("mlflow", "transmute"):
+            self.s3.make_bucket(bucket)
+        self.env_file = {  # what infra/.env holds for compose
+            "POSTGRES_PASSWORD": self.pg.env()["PGPASSWORD"], "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16), "MLFLOW_TRACKING_USERNAME": "admin",
+            "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD, "AWS_ACCESS_KEY_ID": self.s3.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.s3.secret_key, "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        databases = self.pg.create_database("mlflow"), self.pg.create_database("mlflow_auth")
+        self.mlflow = MlflowAuthServer(self.tmp / "mlflow", self.host, free_port(), *databases, self.env_file,
+                                       self.s3.endpoint)
+        self.stack.add(self.mlflow.start())
+
+    def start_ray(self) -> None:
+        """Compose's ray-head and ray-worker services, commands and environments; the worker in the
+        network namespace, reaching the head, MLflow and S3 over the veth pair."""
+        replace = {"http://mlflow:5000": self.mlflow.uri, "http://s3:8333": self.s3.endpoint,
+                   "/home/ray/transmute": str(self.home)}
+        self.path = {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+        node = service_env("ray-head", self.env_file, replace)
+        assert node == service_env("ray-worker", self.env_file, replace)
+        self.node_env = {**os.environ, **self.path, "RAY_USAGE_STATS_ENABLED": "0", **node}
+        gcs, dash, host = free_port(), free_port(), self.host
         tag = f"{os.getpid()}-{int(time.time()) % 100000}"
         head_argv = service_argv(
             "ray-head", port=str(gcs), dashboard_host=host, dashboard_port=str(dash), num_cpus="1",
             node_ip_address=host, temp_dir=f"/tmp/rayh-{tag}", dashboard_agent_listen_port=str(free_port()),
             ray_client_server_port=str(free_port()))
-        head = stack.add(RayNode(tmp_path, "head", head_argv, node_env).start())
-        dashboard = f"http://{host}:{dash}"
-        wait_http(dashboard + "/api/version", head.proc, head.log)
+        self.head = self.stack.add(RayNode(self.tmp, "head", head_argv, self.node_env).start())
+        self.dashboard = f"http://{host}:{dash}"
         worker_argv = service_argv("ray-worker", address=f"{host}:{gcs}", num_cpus="1",
-                                   node_ip_address=netns.node_ip, temp_dir=f"/tmp/rayw-{tag}")
-        stack.add(RayNode(tmp_path, "worker", worker_argv, node_env, prefix=netns.prefix()).start())
+                                   node_ip_address=self.netns.node_ip, temp_dir=f"/tmp/rayw-{tag}")
+        wait_http(self.dashboard + "/api/version", self.head.proc, self.head.log)
+        worker = RayNode(self.tmp, "worker", worker_argv, self.node_env, prefix=self.netns.prefix())
+        self.stack.add(worker.start())
 
-        # the client holds only the dashboard address and the Ray token: no MLflow or S3 secret
+    def ingest(self, monkeypatch) -> None:
+        """The dataset on S3, as a team keeps it."""
+        for key, value in self.s3.env().items():
+            monkeypatch.setenv(key, value)
+        data.ingest(str(REPO / "tests" / "assets" / "facades_small"), self.dataset,
+                    data.IngestOptions(shard_rows=8), progress=False)
+
+    def submit_search(self) -> None:
+        """The client holds the dashboard address and the Ray token only: no MLflow or S3 secret."""
         client_env = {key: value for key, value in os.environ.items()
                       if not key.startswith(("AWS_", "MLFLOW_TRACKING"))}
-        client_env.update({**path, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": env_file["RAY_AUTH_TOKEN"]})
+        client_env.update(self.path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.env_file["RAY_AUTH_TOKEN"])
         runtime_env = {"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true"}}
-        out = submit([str(BIN / "ray"), "job", "submit", "--address", dashboard, "--working-dir", ".",
+        out = submit([str(BIN / "ray"), "job", "submit", "--address", self.dashboard, "--working-dir", ".",
                       "--runtime-env-json", json.dumps(runtime_env), "--",
                       "python", "jobs/tune_dualgan.py", "--recipe", "dualgan_facades-quick", "--name", "team",
                       "--num-samples", "2", "--max-steps", "4", "--eval-every", "2", "--cpus-per-trial", "1",
                       "--storage", "s3://transmute/tune",
-                      "--set", f"data.path={dataset}", "eval.max_images=8", "train.log_every=1"],
+                      "--set", f"data.path={self.dataset}", "eval.max_images=8", "train.log_every=1"],
                      client_env)
         log = out.stdout + out.stderr
         assert out.returncode == 0 and "succeeded" in log, log[-4000:]
 
-        # one CPU per node and one per trial: the two trials ran one on each node
-        assert result_node_ips(s3.client(), "transmute", "tune/team/") == {host, netns.node_ip}
-
-        # all of it on the shared server, behind basic auth
-        auth = ("admin", ADMIN_PASSWORD)
-        api = f"{mlflow.uri}/api/2.0/mlflow"
+    def check_tracking(self) -> None:
+        """The search's parent and trial runs on the shared server, readable with a login only."""
+        auth, api = ("admin", ADMIN_PASSWORD), f"{self.mlflow.uri}/api/2.0/mlflow"
         status, found = request(f"{api}/experiments/get-by-name?experiment_name=transmute", auth)
         assert status == 200, status
-        experiment = found["experiment"]["experiment_id"]
-        query = {"experiment_ids": [experiment]}
+        query = {"experiment_ids": [found["experiment"]["experiment_id"]]}
         status, found = request(f"{api}/runs/search", auth, query)
         assert status == 200, status
         tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])}
                 for r in found["runs"]}
-        (parent,) = [run_id for run_id, t in tags.items() if t.get("tune.search") == "team"
-                     and t.get("tune.role") == "parent"]
+        (parent,) = [run_id for run_id, t in tags.items()
+                     if t.get("tune.search") == "team" and t.get("tune.role") == "parent"]
         trials = [run_id for run_id, t in tags.items() if t.get("mlflow.parentRunId") == parent]
         assert len(trials) == 2, tags
         search = f"{api}/runs/search"
         assert request(search, None, query)[0] == 401 and request(search, ("admin", "wrong"), query)[0] == 401
-        artifacts = s3.client().list_objects_v2(Bucket="mlflow", Prefix="artifacts/")
+        artifacts = self.s3.client().list_objects_v2(Bucket="mlflow", Prefix="artifacts/")
         assert any(o["Key"].endswith("best_config.json") for o in artifacts.get("Contents", []))
 
-        # the best trial trained and registered from its config, then translated from the registry
-        creds = {key: node_env[key] for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
-                                                 "MLFLOW_TRACKING_PASSWORD")}
-        user_env = {**os.environ, **s3.env(), **creds, "TRANSMUTE_HOME": str(home)}
-        best = home / "tune" / "team" / "best_config.json"
+    def train_register_translate(self) -> None:
+        """The best trial's config trained and registered, then translated from the registry, as a
+        user of the team's server would: credentials in the environment."""
+        keys = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+        user_env = {**os.environ, **self.s3.env(), **{k: self.node_env[k] for k in keys},
+                    "TRANSMUTE_HOME": str(self.home)}
+        best = self.home / "tune" / "team" / "best_config.json"
         run([sys.executable, "jobs/train.py", "--config", str(best), "--no-ray", "--set", "train.steps=2",
              "eval.every=2", "checkpoint.every=2", "tracking.registered_name=team"], user_env)
-        out = run([sys.executable, "jobs/translate.py", "--model", "models:/team-ab/1", "--input", dataset,
-                   "--split", "test", "--output", "s3://transmute/translated", "--no-ray", "--no-progress"],
-                  user_env)
-        listed = s3.client().list_objects_v2(Bucket="transmute", Prefix="translated/")
+        self.mark("train and register")
+        run([sys.executable, "jobs/translate.py", "--model", "models:/team-ab/1", "--input", self.dataset,
+             "--split", "test", "--output", "s3://transmute/translated", "--no-ray", "--no-progress"],
+            user_env)
+        listed = self.s3.client().list_objects_v2(Bucket="transmute", Prefix="translated/")
         keys = [o["Key"] for o in listed["Contents"]]
         assert any(k.endswith(".png") for k in keys) and "translated/_manifest.json" in keys, keys
-        status, version = request(f"{api}/model-versions/get?name=team-ab&version=1", auth)
-        assert status == 200 and version["model_version"]["source"], version
+        self.mark("translate")
+
+
+@pytest.mark.integration
+def test_tune_on_two_ray_nodes_logs_to_the_shared_mlflow_then_translates(tmp_path, monkeypatch):
+    stack = Stack()
+    team = Team(tmp_path, stack)
+    try:
+        team.start_servers()
+        team.start_ray()  # while MLflow migrates its databases
+        team.ingest(monkeypatch)
+        team.mlflow.wait()
+        team.mark("servers, Ray nodes, dataset")
+        team.submit_search()
+        team.mark("search")
+        # one CPU per node and one per trial: the two trials ran one on each node
+        ran_on = result_node_ips(team.s3.client(), "transmute", "tune/team/")
+        assert ran_on == {team.host, team.netns.node_ip}, ran_on
+        team.check_tracking()
+        team.train_register_translate()
     finally:
         stack.stop()
-    assert head.leftovers() == [] and not Path(f"/var/run/netns/{netns.name}").exists()  # only ours stopped
+        team.mark("stop")
+        print("team stack timings (s):", team.timings)
+    assert team.head.leftovers() == [] and not Path(f"/var/run/netns/{team.netns.name}").exists()
