@@ -47,8 +47,9 @@ def free_ports(count: int) -> list[int]:
 class S3Server:
     """Start with `start()`, stop with `stop()`; `endpoint`, `env()` and `client()` for callers."""
 
-    def __init__(self, workdir: Path, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY):
-        self.workdir = Path(workdir)
+    def __init__(self, workdir: Path, access_key: str = ACCESS_KEY, secret_key: str = SECRET_KEY,
+                 host: str = "127.0.0.1"):
+        self.workdir, self.host = Path(workdir), host
         self.access_key, self.secret_key = access_key, secret_key
         self.process = None
         self.endpoint = None
@@ -63,13 +64,13 @@ class S3Server:
             "actions": ["Admin", "Read", "List", "Tagging", "Write"],
         }
         config.write_text(json.dumps({"identities": [identity]}))
-        ports = free_ports(10)
+        ports = free_ports(10)  # free on 127.0.0.1, so free on any other local address too
         args = [
             weed_binary(),
             "mini",
             f"-dir={self.workdir / 'data'}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
+            f"-ip={self.host}",
+            f"-ip.bind={self.host}",
             "-master.telemetry=false",
             "-webdav=false",
             "-admin.ui=false",
@@ -92,7 +93,7 @@ class S3Server:
         self.process = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
         )
-        self.endpoint = f"http://127.0.0.1:{ports[6]}"
+        self.endpoint = f"http://{self.host}:{ports[6]}"
         self._wait_ready(timeout_s)
         return self
 
