@@ -10,7 +10,11 @@ stop bad trials early; PBT copies the complete state of good trials into bad one
 the continuous keys. The MLflow parent run gets the space, scheduler settings, best trial, best
 config and a results table; the best config is also written as JSON, runnable with
 `python jobs/train.py --config <best_config.json>`. `--resume` continues an interrupted search
-from its storage folder without repeating finished trials.
+from its storage folder without repeating finished trials, once every state file Ray would unpickle
+there passes its signature check (pipeline.tune_state; key: --state-key or $TRANSMUTE_TUNE_KEY).
+
+A refused resume (state not signed by this search's key) is exit status 4; 130: interrupted
+(resume it with --resume --name NAME).
 """
 
 import argparse
@@ -20,7 +24,7 @@ import sys
 import time
 
 from jobs.recipes import RECIPES, recipe
-from pipeline import cli, launch, search, storage
+from pipeline import cli, launch, search, storage, tune_state
 from pipeline.config import ConfigError
 from pipeline.launch import ensure_dataset, init_ray, training_cpus, with_tracking_uri
 from pipeline.run_config import RunConfig, override, resolve_paths, to_json
@@ -67,6 +71,12 @@ def add_arguments(p: argparse.ArgumentParser, defaults: dict) -> argparse.Argume
     p.add_argument("--storage", default="", help="Tune storage, local or s3:// (default <home>/tune)")
     p.add_argument("--name", default="", help="search name (default recipe-scheduler-time)")
     p.add_argument("--resume", action="store_true", help="continue the search --name from its storage")
+    p.add_argument(
+        "--state-key",
+        default=None,
+        help="HMAC key that signs the search's Ray state, kept off the shared storage "
+        "(default: $TRANSMUTE_TUNE_KEY, else <home>/keys/tune-state.key, made 0600 on first use)",
+    )
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else local)")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -203,6 +213,7 @@ def make_tuner(args, cfg: RunConfig, dims, mode: str, name: str, storage_path: s
         storage_filesystem=filesystem,
         checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
         failure_config=tune.FailureConfig(max_failures=1),
+        callbacks=[tune_state.StateSigner(name, tune_state.key_path(cfg.home, args.state_key))],
     )
     if args.resume:
         return tune.Tuner.restore(
@@ -218,9 +229,30 @@ def make_tuner(args, cfg: RunConfig, dims, mode: str, name: str, storage_path: s
         num_samples=args.num_samples,
         max_concurrent_trials=args.max_concurrent or None,
     )
-    return tune.Tuner(
+    tuner = tune.Tuner(
         trainable, param_space=search.tune_space(dims), tune_config=tune_config, run_config=run_config
     )
+    sign_tuner(args, cfg, name, storage_path)  # Ray has just written tuner.pkl
+    return tuner
+
+
+def state_folder(cfg: RunConfig, name: str, storage_path: str):
+    """The search's folder as (pyarrow filesystem, path), where Ray keeps its state."""
+    return storage.arrow_filesystem(storage.join(storage_path, name), cfg.storage.endpoint or None)
+
+
+def sign_tuner(args, cfg: RunConfig, name: str, storage_path: str) -> None:
+    key = tune_state.load_key(tune_state.key_path(cfg.home, args.state_key), create=True)
+    tune_state.sign_stored(key, name, *state_folder(cfg, name, storage_path), ["tuner.pkl"])
+
+
+def check_resumable(args, cfg: RunConfig, name: str, storage_path: str) -> None:
+    """Before Ray or MLflow is touched: every state file Ray would unpickle carries this search's
+    signature (pipeline.tune_state), else StateRefused. The key path is handed to the signer that
+    Ray restores from tuner.pkl through the environment, so a moved key signs the resumed saves."""
+    path = tune_state.key_path(cfg.home, args.state_key)
+    tune_state.verify(tune_state.load_key(path, create=False), name, *state_folder(cfg, name, storage_path))
+    os.environ[tune_state.KEY_ENV] = path
 
 
 def summarise(results, args, cfg: RunConfig, mode: str, out_dir: str, parent_id: str) -> dict:
@@ -286,10 +318,12 @@ def run(args) -> dict:
     dims = search.parse_space(args.space, cfg, args.space_file)
     search.check_metric(args.metric)
     mode = search.metric_mode(args.metric, args.mode)
-    manifest = ensure_dataset(cfg)
-    cfg = with_tracking_uri(cfg)
     name = search_name(args)
     storage_path = args.storage or os.path.join(cfg.home, "tune")
+    if args.resume:
+        check_resumable(args, cfg, name, storage_path)
+    manifest = ensure_dataset(cfg)
+    cfg = with_tracking_uri(cfg)
     parent_id = parent_run(cfg, args, name, dims, mode)
     cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, parent_run_id=parent_id))
     print(
@@ -334,7 +368,11 @@ def main(argv=None, defaults: dict | None = None) -> int:
 
 
 def search_job(args) -> int:
-    run(args)
+    try:
+        run(args)
+    except tune_state.StateRefused as e:  # a ConfigError, but a failed check of the state: its own code
+        print(f"error: {e}", file=sys.stderr)
+        return cli.CHECK
     return cli.OK
 
 

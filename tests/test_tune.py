@@ -311,6 +311,8 @@ def test_interrupted_search_resumes_without_repeating_finished_trials(facades_sm
         "--scheduler",
         "fifo",
     ]
+    MlflowClient(uri).search_experiments()  # made here first: polling it while the search creates it
+    # raced the two schema migrations (the search died with AttributeError: dimension_attributes)
     proc = subprocess.Popen(
         [sys.executable, "jobs/tune.py", *args],
         cwd=REPO,
