@@ -180,6 +180,7 @@ class TuneSession(ReportedSession):
     """The training loop inside one Tune trial actor: rank 0 of 1, checkpoints reported to Tune."""
 
     rank, world = 0, 1
+    shows_progress = False  # many trials at once: Tune's own table reports them
 
     def __init__(self, cfg):
         self.cfg = cfg
