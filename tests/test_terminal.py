@@ -2,6 +2,7 @@
 search's warning when its trials tied, Ray's and MLflow's noise off unless -v, and a next step."""
 
 import io
+import logging
 import os
 
 import pandas as pd
@@ -129,3 +130,15 @@ def test_closing_lines_never_print_a_password(tmp_path):
     cfg = resolve_paths(override(train_job.recipe("cyclegan_facades-quick"), settings))
     text = train_job.closing(cfg, {})
     assert "s3cret" not in text and "next: mlflow ui --backend-store-uri http://mlflow:5000" in text
+
+
+def test_ray_trains_per_report_info_lines_are_dropped_but_not_its_warnings_or_ours():
+    from pipeline.session import ray_info_off
+
+    def record(name, level):
+        return logging.LogRecord(name, level, __file__, 1, "Reporting training result 1", None, None)
+
+    ray_file = os.path.join("", "venv", "site-packages", "ray", "train", "v2", "execution", "context.py")
+    assert not ray_info_off(record(ray_file, logging.INFO))
+    assert ray_info_off(record(ray_file, logging.WARNING))
+    assert ray_info_off(record("pipeline.loop", logging.INFO))
