@@ -13,6 +13,7 @@ import shlex
 import sys
 
 from pipeline import cli, data, images, storage
+from pipeline.terminal import next_step
 
 OK, CRASH, USAGE, STORAGE, STRICT = cli.OK, cli.CRASH, cli.USAGE, cli.STORAGE, cli.CHECK  # shared by all jobs
 EXIT_CODES = f"""exit status:
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return STORAGE
     print(summary(manifest))
+    print(next_step(f"python jobs/train.py --recipe RECIPE --set data.path={storage.public_uri(args.dst)}"
+                    + (f" storage.endpoint={args.s3_endpoint}" if args.s3_endpoint else "")))
     return OK
 
 

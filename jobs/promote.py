@@ -18,7 +18,8 @@ import json
 import sys
 import time
 
-from pipeline import cli, launch
+from pipeline import cli, launch, storage
+from pipeline.terminal import next_step
 
 PROMOTION_TAG = "transmute.promotion"
 
@@ -51,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--max", action=Criterion, dest="criteria", metavar="VALUE", help="upper bound, inclusive")
     p.add_argument("--dry-run", action="store_true", help="check and report, leave the alias")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: see below)")
+    launch.verbose_flag(p)
     args = p.parse_args(argv)
     args.criteria = list(args.criteria)  # argparse shares the default list between parses
     if not args.criteria:
@@ -87,8 +89,9 @@ def failures(criteria: list[dict], metrics: dict[str, float]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    launch.quiet()  # telemetry off before anything imports mlflow
-    return cli.run(promote, parse_args(argv))
+    args = parse_args(argv)
+    launch.quiet(args.verbose)  # telemetry (and noise) off before anything imports mlflow
+    return cli.run(promote, args)
 
 
 def promote(args) -> int:
@@ -107,9 +110,12 @@ def promote(args) -> int:
         print(f"not promoting {args.name} version {version} to @{args.alias}:", file=sys.stderr)
         for reason in failed:
             print(f"  {reason}", file=sys.stderr)
+        print(next_step("train longer or with other settings (python jobs/train.py ...), then promote the "
+                        "new version", f"mlflow ui --backend-store-uri {storage.public_uri(uri)}"))
         return cli.CHECK
     if args.dry_run:
         print(f"{args.name} version {version} passes {checked}; --dry-run: @{args.alias} unchanged")
+        print(next_step("the same command without --dry-run"))
         return 0
     previous = registry.model_alias_version(uri, args.name, args.alias)
     registry.set_alias(uri, args.name, args.alias, version)
@@ -117,6 +123,7 @@ def promote(args) -> int:
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     registry.set_model_version_tag(uri, args.name, version, PROMOTION_TAG, json.dumps(record))
     print(f"promoted {args.name} version {version} to @{args.alias} (was {previous or 'unset'}): {checked}")
+    print(next_step(f"python jobs/translate.py --model {args.name}@{args.alias} --input IMAGES --output OUT"))
     return 0
 
 

@@ -61,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--metrics-json", metavar="FILE", help="also write the final metrics to FILE (JSON)")
+    launch.verbose_flag(p)
     args = p.parse_args(argv)
     if bool(args.recipe) == bool(args.config):
         p.error("give exactly one of --recipe NAME or --config FILE")
@@ -94,8 +95,9 @@ def load_config_file(path: str) -> RunConfig:
 
 
 def main(argv=None) -> int:
-    launch.quiet()  # telemetry off before anything imports mlflow
-    return cli.run(run, parse_args(argv))
+    args = parse_args(argv)
+    launch.quiet(args.verbose)  # telemetry (and noise) off before anything imports mlflow or ray
+    return cli.run(run, args)
 
 
 def run(args) -> int:
@@ -116,19 +118,68 @@ def run(args) -> int:
     except BaseException:
         mark_failed(cfg)
         raise
-    if args.metrics_json:
-        from pipeline.tracking import run_metrics
+    from pipeline.tracking import run_metrics
 
-        metrics = {**metrics, **run_metrics(cfg.tracking.uri, cfg.tracking.run_id)}
+    # Ray's result holds the last checkpointed report only: the test metrics are in the MLflow run
+    metrics = {**metrics, **run_metrics(cfg.tracking.uri, cfg.tracking.run_id)}
+    if args.metrics_json:
         result = {"run_name": cfg.tracking.run_name, "run_id": cfg.tracking.run_id,
                   "wall_s": time.time() - STARTED, "metrics": metrics}
         text = json.dumps(result, indent=2, sort_keys=True, default=float)
         storage.write_bytes(args.metrics_json, text.encode())  # whole or not at all
-    print(
-        f"done: checkpoints in {storage.public_uri(storage.join(cfg.storage.path, cfg.tracking.run_name))}\n"
-        f"compare runs: mlflow ui --backend-store-uri {where}"
-    )
+    print(closing(cfg, metrics))
     return 0
+
+
+def closing(cfg: RunConfig, metrics: dict) -> str:
+    """The run's end on the terminal: test metrics beside their floors, where the checkpoints and
+    the registered generators are, and what to run next (no secret in any URI)."""
+    from pipeline.terminal import metrics_table, next_step
+
+    table = metrics_table(metrics)
+    lines = [table] if table else []
+    lines.append(f"checkpoints: {storage.public_uri(storage.join(cfg.storage.path, cfg.tracking.run_name))}")
+    names = registered(cfg)
+    lines += [f"registered model: {name}" for name in names]
+    ui = f"mlflow ui --backend-store-uri {storage.public_uri(cfg.tracking.uri)}"
+    if names:
+        lines.append(next_step(f"python jobs/translate.py --model {names[0]} --input IMAGES --output OUT",
+                               promote_command(names[0], metrics), ui))
+    else:
+        lines.append(next_step(ui))
+    return "\n".join(lines)
+
+
+def promote_command(version: str, metrics: dict) -> str:
+    """jobs/promote.py for this version, gated on its first test metric beating its floor."""
+    from pipeline.terminal import lower_is_better
+
+    name, _, number = version.partition("/")
+    gate = "--metric METRIC --min BOUND"
+    floors = sorted(k for k in metrics if k.startswith("test/") and f"baseline/{k[5:]}" in metrics)
+    if floors:
+        key = floors[0]
+        bound = "--max" if lower_is_better(key) else "--min"
+        gate = f"--metric {key} {bound} {metrics[f'baseline/{key[5:]}']:.4g}"
+    return f"python jobs/promote.py {name} --version {number} {gate}  (then --model {name}@production)"
+
+
+def registered(cfg: RunConfig) -> list[str]:
+    """NAME/VERSION of each generator this run registered (the latest version of each name)."""
+    from models import MODELS
+    from pipeline.loop_eval import registered_name
+    from pipeline.registry import ModelNotFound, resolve_version
+
+    if not (cfg.tracking.register and cfg.tracking.log_models and cfg.tracking.run_id):
+        return []
+    names = []
+    for direction in MODELS[cfg.model_name].directions:
+        name = registered_name(cfg, direction)
+        try:
+            names.append(f"{name}/{resolve_version(cfg.tracking.uri, name)}")
+        except ModelNotFound:  # registration failed or was skipped: nothing to name
+            continue
+    return names
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ import sys
 
 from pipeline import cli, launch, storage
 from pipeline.launch import init_ray
+from pipeline.terminal import next_step
+from pipeline.translate.outputs import OUTPUT_INDEX
 
 
 def parse_args(argv=None):
@@ -58,6 +60,10 @@ def parse_args(argv=None):
                    help="BicycleGAN: z ~ N(0, I) per sample, a linear interpolation grid, or zeros")
     p.add_argument("--seed", type=int, default=0, help="BicycleGAN / CoGAN: base of the recorded z seeds")
     p.add_argument("--pairs", type=int, default=0, help="CoGAN: number of generated pairs (no --input)")
+    p.add_argument("--half", choices=["a", "b", "whole"],
+                   help="a folder of pair images (width = 2 x height, A|B side by side): translate the left "
+                        "(a) or right (b) half, or the whole image; default: the half the model was trained "
+                        "on, for a model trained on aligned pairs (else the job refuses pairs)")
     p.add_argument("--keep-size", action=argparse.BooleanOptionalAction, default=True,
                    help="bring each output back to its input's size (default on)")
     p.add_argument("--size", type=int, help="only for a model that records no training size")
@@ -80,6 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: see below)")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL for s3:// input and output")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    launch.verbose_flag(p)
     return p.parse_args(argv)
 
 
@@ -106,7 +113,8 @@ def build_job(args, generator, info, device: str):
     settings = Settings(args.format, args.bn_mode, args.z_mode, args.seed, args.keep_size, args.dropout)
     io_workers = args.io_workers or (8 if device == "cuda" else 4)
     return Job(generator, info, _absolute(args.output), settings, args.samples, batch_size=args.batch_size,
-               device=device, bf16=args.bf16, io_workers=io_workers, endpoint=args.s3_endpoint)
+               device=device, bf16=args.bf16, io_workers=io_workers, endpoint=args.s3_endpoint,
+               half=args.half)
 
 
 def _absolute(path: str) -> str:
@@ -130,14 +138,26 @@ def command(argv) -> str:
     return shlex.join(["python", "jobs/translate.py", *(sys.argv[1:] if argv is None else argv)])
 
 
+def where_it_runs(args) -> str:
+    """Where the job runs and why, said in its output (Ray costs start-up time a small job feels)."""
+    if args.no_ray:
+        return "in-process: --no-ray"
+    actors = f"{args.actors} actor{'s' if args.actors > 1 else ''}"
+    return f"on Ray: {actors} (--actors; --no-ray runs in this process, faster for a few images)"
+
+
 def report(record: dict, output: str) -> None:
     c = record["counts"]
+    print(f"ran {record['ran']}; input: {record['input_half']['why'] or 'generated from z'}")
     print(f"translated {c['translated']} of {c['planned']} outputs into {storage.public_uri(output)}: "
           f"{c['done_before']} were there already; inputs rejected: {c['rejected']} now, "
           f"{c['rejected_before']} before; {c['duplicates']} duplicate inputs; "
           f"{len(c['ignored'])} other files ignored")
     for item in record["rejected"]:
         print(f"  rejected {item['input_id']}: {item['reason']}", file=sys.stderr)
+    index = storage.join(storage.public_uri(output), OUTPUT_INDEX)
+    print(next_step(f"look at the outputs in {storage.public_uri(output)} (lineage: {index}); rerun the "
+                    "same command to translate only new inputs"))
 
 
 def exit_status(record: dict, strict: bool) -> int:
@@ -152,22 +172,22 @@ def exit_status(record: dict, strict: bool) -> int:
 
 
 def main(argv=None) -> int:
-    launch.quiet()  # telemetry off before anything imports mlflow
-    return cli.run(translate, parse_args(argv), argv)
+    args = parse_args(argv)
+    launch.quiet(args.verbose)  # telemetry (and noise) off before anything imports mlflow or ray
+    return cli.run(translate, args, argv)
 
 
 def translate(args, argv) -> int:
     from pipeline.registry import ModelNotFound
     from pipeline.translate import OutputError, RunOptions, Source, load_model, run
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar is ours
     use_ray = not args.no_ray
     try:
         check_args(args)
         uri = launch.tracking_uri(args.tracking_uri)
         generator, info = load_model(args.model, uri, args.direction, args.size)
         if use_ray:
-            init_ray(args.address, args.actors * args.cpus_per_actor + 1, progress=args.progress)
+            init_ray(args.address, args.actors * args.cpus_per_actor + 1)  # Ray Data's bars: -v
         device = pick_device(args, use_ray)
         job = build_job(args, generator, info, device)
         source = Source(_absolute(args.input) if args.input else None, tuple(args.split), args.s3_endpoint)
@@ -176,7 +196,7 @@ def translate(args, argv) -> int:
         gpus = args.gpus_per_actor if device == "cuda" else 0.0
         options = RunOptions(pairs=args.pairs, overwrite=args.overwrite, use_ray=use_ray, actors=args.actors,
                              cpus_per_actor=args.cpus_per_actor, gpus_per_actor=gpus, progress=args.progress,
-                             command=command(argv), commit_every_s=args.commit_every)
+                             command=command(argv), commit_every_s=args.commit_every, ran=where_it_runs(args))
         record = run(job, source, options)
     except (ModelNotFound, FileNotFoundError, OutputError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

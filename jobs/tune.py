@@ -28,6 +28,7 @@ from pipeline import cli, launch, search, storage, tune_state
 from pipeline.config import ConfigError
 from pipeline.launch import ensure_dataset, init_ray, training_cpus, with_tracking_uri
 from pipeline.run_config import RunConfig, override, resolve_paths, to_json
+from pipeline.terminal import next_step, search_warnings
 
 
 def add_arguments(p: argparse.ArgumentParser, defaults: dict) -> argparse.ArgumentParser:
@@ -79,6 +80,7 @@ def add_arguments(p: argparse.ArgumentParser, defaults: dict) -> argparse.Argume
     )
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else local)")
     p.add_argument("--seed", type=int, default=0)
+    launch.verbose_flag(p)
     return p
 
 
@@ -270,20 +272,21 @@ def summarise(results, args, cfg: RunConfig, mode: str, out_dir: str, parent_id:
         for c in table.columns
         if c.startswith(("config/", "eval/", "test/"))
         or c in ("trial_id", "step", "training_iteration", "progress/resumed_from_step")
+        or c == f"floor/{args.metric}"
     ]
     table_path = os.path.join(out_dir, "results.csv")
     table[keep].to_csv(table_path, index=False)
-    value = (
-        best.metrics_dataframe[args.metric].max()
-        if mode == "max"
-        else best.metrics_dataframe[args.metric].min()
-    )
+    value = trial_best(best.metrics_dataframe, args.metric, mode)
+    values = [trial_best(r.metrics_dataframe, args.metric, mode) for r in results]
+    warnings = search_warnings(values, args.metric, mode, trial_floor(best.metrics_dataframe, args.metric))
     parent = Tracker(cfg.tracking.uri, parent_id)
     # tags, not params: a resumed search may find another best trial, and params never change
     parent.set_tags(
         {"best.trial_id": best.metrics.get("trial_id", ""), **{f"best.{k}": v for k, v in params.items()}}
     )
     parent.log_metrics({"objective": float(value), f"best/{args.metric}": float(value)}, 0)
+    if warnings:
+        parent.set_tags({"warnings": "\n".join(warnings)})
     parent.log_artifact(best_path)
     parent.log_artifact(table_path)
     log_search_views(parent, table, args, cfg, out_dir, float(value), params)
@@ -293,6 +296,7 @@ def summarise(results, args, cfg: RunConfig, mode: str, out_dir: str, parent_id:
         "results": table_path,
         "best_value": float(value),
         "best_params": params,
+        "warnings": warnings,
     }
 
 
@@ -311,6 +315,24 @@ def log_search_views(parent, table, args, cfg: RunConfig, out_dir: str, value: f
              f"{cfg.data.dataset or cfg.data.path} ({len(table)} trials, {args.scheduler}): "
              f"best {args.metric} = {value:.4f} with {values}. Plot: objective_vs_keys.png; "
              "table: results.csv.")
+
+
+def trial_best(frame, metric: str, mode: str) -> float | None:
+    """A trial's best reported value of `metric` (None: it never reported it)."""
+    if frame is None or metric not in frame:
+        return None
+    column = frame[metric].dropna()
+    if column.empty:
+        return None
+    return float(column.max() if mode == "max" else column.min())
+
+
+def trial_floor(frame, metric: str) -> float | None:
+    """The floor a trial reported beside `metric` (floor/<metric>, constant per validation split)."""
+    key = f"floor/{metric}"
+    if frame is None or key not in frame or frame[key].dropna().empty:
+        return None
+    return float(frame[key].dropna().iloc[-1])
 
 
 def run(args) -> dict:
@@ -354,16 +376,20 @@ def run(args) -> dict:
     summary = summarise(results, args, cfg, mode, out_dir, parent_id)
     print(
         f"best {args.metric} = {summary['best_value']:.4f} with {summary['best_params']}\n"
-        f"best config: {summary['best_config']}  (python jobs/train.py --config {summary['best_config']})\n"
+        f"best config: {summary['best_config']}\n"
         f"results table: {summary['results']}; {len(errors)} trial(s) errored",
         flush=True,
     )
+    for warning in summary["warnings"]:
+        print(warning, file=sys.stderr, flush=True)
+    ui = f"mlflow ui --backend-store-uri {storage.public_uri(cfg.tracking.uri)}"
+    print(next_step(f"python jobs/train.py --config {summary['best_config']}", ui), flush=True)
     return summary
 
 
 def main(argv=None, defaults: dict | None = None) -> int:
-    launch.quiet()  # telemetry off before anything imports mlflow
     args = parse_args(argv, defaults)
+    launch.quiet(args.verbose)  # telemetry (and noise) off before anything imports mlflow or ray
     return cli.run(search_job, args)
 
 

@@ -3,10 +3,12 @@
 
 generator.json:
   {"model": "cyclegan", "config": {...the model's Config...}, "direction": "ab", "net": "G_ab",
-   "image_size": 256, "swap_ab": false, "channels": {"input": 3, "output": 3}}
+   "image_size": 256, "swap_ab": false, "aligned": true, "channels": {"input": 3, "output": 3}}
 `image_size` is the training image size (crop, else load size; null when unknown), `swap_ab`
 whether domain a was the right half of aligned pairs (`data.swap_ab`), so the half of an aligned
-row it reads is `reads_half`. `channels` is derived from the config and written for readers only.
+row it reads is `reads_half`; `aligned` whether the training images were such a|b pairs (batch
+translation then reads that half of a folder's pair images; null: not recorded). `channels` is
+derived from the config and written for readers only.
 Files written before `image_size` and `swap_ab` were recorded load with both None: the caller then
 asks the MLflow run that logged them (pipeline.translate.model).
 
@@ -40,14 +42,15 @@ class GeneratorArtifact:
     weights: dict  # state dict, contiguous CPU tensors
     size: int | None = None  # the training image size; None: not recorded
     swap_ab: bool | None = None  # trained with aligned pairs' right half as domain a; None: not recorded
+    aligned: bool | None = None  # trained on aligned a|b pair images; None: not recorded
 
     @classmethod
     def from_net(cls, model_name: str, config, direction: str, net: torch.nn.Module,
-                 size: int | None, swap_ab: bool) -> "GeneratorArtifact":
+                 size: int | None, swap_ab: bool, aligned: bool | None = None) -> "GeneratorArtifact":
         """The generator serving `direction` among a model's nets (`net` is that generator)."""
         weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
         return cls(model_name, config, direction, MODELS[model_name].generator_for[direction], weights,
-                   size, swap_ab)
+                   size, swap_ab, aligned)
 
     @property
     def spec(self):
@@ -77,7 +80,8 @@ class GeneratorArtifact:
         channels_in, channels_out = self.channels
         return {"model": self.model_name, "config": dataclasses.asdict(self.config),
                 "direction": self.direction, "net": self.net_name, "image_size": self.size,
-                "swap_ab": self.swap_ab, "channels": {"input": channels_in, "output": channels_out}}
+                "swap_ab": self.swap_ab, "aligned": self.aligned,
+                "channels": {"input": channels_in, "output": channels_out}}
 
     def export(self, folder: str) -> str:
         """Write generator.json and generator.safetensors into `folder`; returns it."""
@@ -104,7 +108,7 @@ class GeneratorArtifact:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         weights = load_file(os.path.join(folder, WEIGHTS_FILE))  # safetensors: tensors only, never pickles
         return cls(spec["model"], model_config(spec["model"], spec["config"]), spec["direction"], spec["net"],
-                   weights, spec.get("image_size"), spec.get("swap_ab"))
+                   weights, spec.get("image_size"), spec.get("swap_ab"), spec.get("aligned"))
 
 
 def model_config(model_name: str, data: dict):

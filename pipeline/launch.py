@@ -23,12 +23,38 @@ DATASETS = os.environ.get("TRANSMUTE_DATASETS", os.path.join(os.path.dirname(ROO
 
 # Telemetry stays off unless a user opts in (e.g. MLFLOW_DISABLE_TELEMETRY=false): MLflow starts its
 # telemetry client when it is first imported, so entry points call `quiet()` before anything does.
-QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0", "DO_NOT_TRACK": "1"}
+# NOISE is what a user did not ask to read: Ray Data's progress bars (thousands of lines per run),
+# MLflow's INFO lines and artifact-download bars, Ray's INFO lines; `-v/--verbose` keeps them.
+# Both reach Ray workers through the environment (pipeline.loop.forwarded_env forwards QUIET's keys).
+NOISE = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+         "MLFLOW_LOGGING_LEVEL": "WARNING", "RAY_LOG_TO_DRIVER_EVENT_LEVEL": "WARNING"}
+QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0", "DO_NOT_TRACK": "1", **NOISE}
 
 
-def quiet() -> None:
+def quiet(verbose: bool = False) -> None:
+    """Telemetry off, and unless `verbose`, Ray's and MLflow's own chatter (NOISE) too; a value
+    the user set in the environment wins."""
     for key, value in QUIET.items():
-        os.environ.setdefault(key, value)
+        if not (verbose and key in NOISE):
+            os.environ.setdefault(key, value)
+
+
+def verbose_flag(p) -> None:
+    """-v/--verbose: a job's parser option bringing back what `quiet` silences."""
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show Ray's and MLflow's own INFO lines and progress bars (off by default)")
+
+
+def noisy() -> bool:
+    """Whether Ray and MLflow may chatter: `quiet` left their noise on (--verbose, or no quiet())."""
+    return os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") != "1"
+
+
+def ray_log_level() -> int:
+    """The level of Ray's own log lines in this process: INFO with --verbose, else WARNING."""
+    import logging
+
+    return logging.INFO if noisy() else logging.WARNING
 
 
 # ----------------------------------------------------------------------------- data
@@ -224,20 +250,22 @@ def mark_failed(cfg: RunConfig) -> None:
 def init_ray(address: str | None, cpus: float, progress: bool | None = None):
     """Connect to the Ray at `address` (else $RAY_ADDRESS), or start a local one with at least
     `cpus` logical CPUs (the job's workers or actors plus room for Ray Data's tasks beside them).
-    `progress` switches Ray Data's progress bars; None leaves Ray's default."""
+    `progress` switches Ray Data's progress bars; None: as `quiet` chose (off unless --verbose)."""
     import ray
+    from ray.data import DataContext
 
-    if progress is not None:
-        from ray.data import DataContext
-
-        DataContext.get_current().enable_progress_bars = progress
+    if progress is None:  # quiet() decided: bars only with --verbose
+        progress = noisy()
+    DataContext.get_current().enable_progress_bars = progress
+    DataContext.get_current().enable_operator_progress_bars = progress
     if ray.is_initialized():
         return ray
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=ray_log_level())
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)), include_dashboard=False)
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)), include_dashboard=False,
+                 logging_level=ray_log_level())
     return ray
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from pipeline.batches import batch_stream, prepare_batch
-from pipeline.loop_eval import build_evaluator, evaluate, log_grids, register_generators
+from pipeline.loop_eval import build_evaluator, eval_floors, evaluate, log_grids, register_generators
 from pipeline.session import PlainSession, RaySession, open_tracker
 from pipeline.trainee import (
     UNDECIDED,
@@ -150,6 +150,7 @@ def train(run: Run, budget) -> None:
     if session.device.type == "cuda":  # every batch has the crop's shape: autotuned kernels pay off
         torch.backends.cudnn.benchmark = True
     trainee.nets.train()
+    progress = open_progress(run)
     while trainee.progress.step < run.cfg.train.steps:
         start = time.perf_counter()
         drawn = [next(stream) for _ in range(per_step)]
@@ -164,9 +165,26 @@ def train(run: Run, budget) -> None:
         fixed = budget.decide(trainee.progress.step) if budget and not trainee.progress.steps else 0
         if fixed:
             run.cfg = fix_steps(run.cfg, trainee, fixed)
+        if progress:
+            steps = run.cfg.train.steps
+            progress.update(trainee.progress.step, None if steps == UNDECIDED else steps, losses, images)
         after_step(run, meter, decided=bool(fixed))
         if fixed:  # logged once the checkpoint holds it: a restart before that decides afresh
             report_budget(run, fixed)
+    if progress:
+        progress.close()
+
+
+def open_progress(run: Run):
+    """Rank 0's progress line (pipeline.terminal), unless the session shows its own (Tune's table)."""
+    from pipeline.terminal import Progress
+
+    if run.session.rank != 0 or not getattr(run.session, "shows_progress", True):
+        return None
+    cfg = run.cfg
+    progress = Progress(cfg.train.max_minutes * 60.0, cfg.train.started_at or None)
+    progress.start(run.trainee.progress.step)
+    return progress
 
 
 def one_step(run: Run, run_nets, optimizers, batches: list) -> dict:
@@ -227,6 +245,7 @@ def after_step(run: Run, meter: Meter, decided: bool = False) -> None:
     if evaluate_now and run.evaluator is not None:
         trainee.last_eval = evaluate(cfg, run.evaluator, trainee.nets, session.device, "eval/")
         metrics.update(trainee.last_eval)
+        metrics.update(eval_floors(run.evaluator))  # beside each evaluation: a trial reads against them
         tracker.log_metrics(metrics, step)
         log_grids(cfg, run.evaluator, trainee.nets, session.device, tracker, step)
     if trainee.resumed_from is not None:  # for Ray's and Tune's results; MLflow has it once
@@ -280,6 +299,7 @@ def ray_trainer(cfg, make_tracker=open_tracker, make_evaluator=build_evaluator):
     from ray.train.torch import TorchTrainer
 
     from pipeline import storage
+    from pipeline.launch import noisy
     from pipeline.run_config import to_json
 
     resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})}
@@ -290,6 +310,7 @@ def ray_trainer(cfg, make_tracker=open_tracker, make_evaluator=build_evaluator):
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, cfg.checkpoint.keep)),
         failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
         worker_runtime_env={"env_vars": forwarded_env(cfg)},
+        logging_config=ray.train.LoggingConfig(log_level="INFO" if noisy() else "WARNING"),  # --verbose
     )
     scaling = ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                       resources_per_worker=resources)

@@ -42,6 +42,13 @@ def evaluate(cfg, evaluator, nets, device, prefix: str) -> dict:
     return out
 
 
+def eval_floors(evaluator) -> dict:
+    """{"floor/eval/x": ...}: what a trivial predictor scores on the validation images for each
+    eval/x that has a baseline (the evaluator computes them once)."""
+    return {f"floor/eval/{k.removeprefix('baseline/')}": v for k, v in evaluator.baselines().items()
+            if k.startswith("baseline/")}
+
+
 def with_gaps(metrics: dict, reference: dict, name: str, gap: str) -> dict:
     """eval/x of `metrics` as `name`/x, and |reference − metrics| as `gap`/x where both have x."""
     out = {}
@@ -72,6 +79,22 @@ def input_example(cfg, spec, model_cfg, direction: str):
     return np.zeros((1, channels, size, size), np.float32)
 
 
+def trained_on_pairs(cfg) -> bool | None:
+    """Whether the run's training images were aligned a|b pairs (its dataset's layout); None when
+    the manifest cannot be read any more."""
+    from pipeline.data import read_manifest
+
+    try:
+        return read_manifest(cfg.data.path, cfg.storage.endpoint or None).get("layout") == "aligned"
+    except (OSError, ValueError, RuntimeError):  # RuntimeError: pipeline.storage.StorageError
+        return None
+
+
+def registered_name(cfg, direction: str) -> str:
+    """The registry name of a run's generator for `direction`."""
+    return f"{cfg.tracking.registered_name or cfg.recipe or cfg.model_name}-{direction}"
+
+
 def register_generators(cfg, spec, model_cfg, nets, tracker, metrics: dict, step: int) -> None:
     """Log (and register) each generator with the final metrics, at the final `step`: logged at
     step 0 they would add a last value as the first point of every curve."""
@@ -79,13 +102,13 @@ def register_generators(cfg, spec, model_cfg, nets, tracker, metrics: dict, step
 
     if not cfg.tracking.log_models:
         return
-    base = cfg.tracking.registered_name or cfg.recipe or cfg.model_name
+    aligned = trained_on_pairs(cfg)
     for direction in spec.directions:
         artifact = GeneratorArtifact.from_net(cfg.model_name, model_cfg, direction,
                                               nets[spec.generator_for[direction]], image_size(cfg),
-                                              cfg.data.swap_ab)
+                                              cfg.data.swap_ab, aligned)
         tracker.log_generator(
             artifact, input_example(cfg, spec, model_cfg, direction),
-            registered_name=f"{base}-{direction}" if cfg.tracking.register else None, metrics=metrics,
-            step=step,
+            registered_name=registered_name(cfg, direction) if cfg.tracking.register else None,
+            metrics=metrics, step=step,
         )

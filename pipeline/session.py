@@ -11,6 +11,7 @@ tracker (`pipeline.registry.ModelTracker`), every other rank, and every untracke
 session or tracker that needs it is made: the plain loop runs on machines without them.
 """
 
+import logging
 import os
 import shutil
 from typing import Protocol
@@ -146,6 +147,13 @@ class ReportedSession:
             shutil.rmtree(directory, ignore_errors=True)
 
 
+def ray_info_off(record: logging.LogRecord) -> bool:
+    """A handler filter dropping Ray's own INFO lines that reach the root logger: Ray Train's
+    worker logs each report under a logger named by its file path (ray/train/v2/.../context.py),
+    which its LoggingConfig level does not cover."""
+    return record.levelno >= logging.WARNING or f"{os.sep}ray{os.sep}" not in record.name
+
+
 class RaySession(ReportedSession):
     """Inside a Ray Train worker: ranks from the train context, checkpoints through ray.train.report
     (Ray merges every rank's files into one checkpoint directory in the run's storage)."""
@@ -154,10 +162,15 @@ class RaySession(ReportedSession):
         import ray.train
         import ray.train.torch
 
+        from pipeline.launch import noisy
+
         context = ray.train.get_context()
         self.cfg = cfg
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
+        if not noisy():  # Ray Train logs every report, all its metrics, at INFO on the worker: -v only
+            for handler in logging.getLogger().handlers:
+                handler.addFilter(ray_info_off)
 
     def restore(self, load):
         """The newer of Ray's record and the newest intact checkpoint in the run's storage folder:
@@ -196,6 +209,7 @@ class TuneSession(ReportedSession):
     """The training loop inside one Tune trial actor: rank 0 of 1, checkpoints reported to Tune."""
 
     rank, world = 0, 1
+    shows_progress = False  # many trials at once: Tune's own table reports them
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -320,8 +320,8 @@ def test_foreign_output_folder_is_refused(tmp_path, capsys):
     model = model_dir(tmp_path / "model", tiny_payload("cyclegan"))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "holiday.jpg").write_bytes(b"someone's photo")
-    assert run_cli("--model", model, "--size", 32, "--input", FACADES_SMALL / "test", "--output",
-                   tmp_path / "out", "--no-ray") == 2
+    assert run_cli("--model", model, "--size", 32, "--input", FACADES_SMALL / "test", "--half", "a",
+                   "--output", tmp_path / "out", "--no-ray") == 2
     assert "no _manifest.json" in capsys.readouterr().err
 
 

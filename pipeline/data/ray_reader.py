@@ -4,6 +4,8 @@ The only module of `pipeline.data` that imports Ray, and only inside its functio
 ingest and the local reader never load it.
 """
 
+import logging
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -62,6 +64,7 @@ def augmented_dataset(spec: ReadSpec, *, epoch: int = 0, world_size: int = 1, ra
     columns = ["domain", "index", "image"] + (["label"] if labelled else [])
     ds = ray_dataset(spec.data_path, spec.split, columns=columns, endpoint=spec.endpoint)
     _small_sort_settings(ds.context)
+    _progress_bars(ds.context)
     ds = ds.map_batches(
         _select_rows, batch_format="pyarrow", fn_kwargs={"plan": plan, "positions": positions}
     )
@@ -73,6 +76,17 @@ def augmented_dataset(spec: ReadSpec, *, epoch: int = 0, world_size: int = 1, ra
         fn_kwargs={"augment": augment, "domains": list(counts), "labelled": labelled},
     )
     return ds
+
+
+def _progress_bars(context) -> None:
+    """Ray Data's bars, printed where the data is read (a Ray Train worker, forwarded to the driver
+    a line per refresh: thousands per run) and its INFO lines, only when the job runs with --verbose
+    (pipeline.launch.quiet sets RAY_DATA_DISABLE_PROGRESS_BARS=1 otherwise, in every worker's env)."""
+    shown = os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS") != "1"
+    context.enable_progress_bars = shown
+    context.enable_operator_progress_bars = shown
+    if not shown:  # and its INFO lines at each epoch's execution (plan, start, "bars disabled")
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def _small_sort_settings(context) -> None:

@@ -67,6 +67,7 @@ class Job:
     bf16: bool = True
     io_workers: int = 1  # threads decoding and encoding beside the net (pillow releases the GIL)
     endpoint: str | None = None
+    half: str | None = None  # folder of pair images: "a" (left), "b" (right) or "whole"; None: detect
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,8 @@ class Work:
     folder is opened is the key every output is recorded under."""
 
     job: Job
-    half: str | None = None  # aligned dataset rows: the half the model reads ("left" | "right")
+    half: str | None = None  # aligned rows or pair images: the half the model reads ("left" | "right")
+    half_reason: str = field(default="", compare=False)  # why that half (or none): printed and recorded
     tasks: dict = field(default_factory=dict, compare=False)  # id -> Task, filled by `plan`
 
     @property
@@ -123,4 +125,5 @@ class RunOptions:
     gpus_per_actor: float = 0.0
     progress: bool = True
     command: str = ""  # recorded with the run
+    ran: str = ""  # where it runs and why ("on Ray: 2 actors", "in-process: --no-ray"), recorded
     commit_every_s: float = 1.0

@@ -2,12 +2,14 @@
 the key the output index is filtered by is final), and `plan` lists the inputs, hashes them and keeps
 the (input, sample) pairs the output index does not list yet."""
 
+import io
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
+from PIL import Image
 
 from pipeline import data, images, storage
 from pipeline.generator_artifact import GeneratorArtifact
@@ -45,13 +47,63 @@ class Source:
 
 
 def resolve(job: Job, source: Source) -> Work:
-    """The job made complete before its output folder is opened: on an aligned dataset, the half of
-    each row the model reads is part of what the outputs depend on (and so of the key)."""
-    half = None
-    if source.kind() == "parquet":
+    """The job made complete before its output folder is opened: on an aligned dataset, or a folder
+    of pair images, the half of each input the model reads is part of what the outputs depend on
+    (and so of the key)."""
+    kind = source.kind()
+    if kind == "parquet":
+        if job.half:
+            raise ValueError("--half is for a folder of pair images; a dataset records its own layout")
         manifest = data.read_manifest(source.data_path, source.endpoint)
         half = source_domain(manifest, job.generator, source.data_path)[1]
-    return Work(job, half)
+        return Work(job, half, half and f"the {half} half of each aligned row, as the model was trained")
+    if kind == "folder":
+        return Work(job, *folder_half(job, source))
+    return Work(job)
+
+
+PAIR_SAMPLE = 8  # images whose size decides whether a folder holds pairs (the first, sorted)
+HALVES = {"a": "left", "b": "right"}
+
+
+def folder_half(job: Job, source: Source) -> tuple[str | None, str]:
+    """(half, why) for a folder: pair images (width = 2 x height, A|B side by side as pix2pix's
+    datasets) are cut to the half the model reads (`--half`, else the half its aligned training
+    rows gave it); a model that does not record aligned training refuses them rather than
+    translating the whole composite squeezed into its square."""
+    sizes = sample_sizes(source)
+    pairs = bool(sizes) and all(w == 2 * h for w, h in sizes)
+    example = f"{sizes[0][0]}x{sizes[0][1]}" if sizes else ""
+    if job.half == "whole" or (not pairs and job.half is None):
+        return None, "whole images" + (" (--half whole)" if job.half else "")
+    if not pairs:
+        where = storage.public_uri(source.data_path)
+        raise ValueError(f"--half {job.half}: the images of --input {where} are "
+                         f"not pairs (width = 2 x height; e.g. {example}); drop --half")
+    if job.half:
+        return HALVES[job.half], f"the {HALVES[job.half]} half of each {example} pair (--half {job.half})"
+    generator = job.generator
+    if generator.aligned:
+        half = generator.reads_half()
+        return half, f"the {half} half of each {example} pair, as the model was trained on aligned pairs"
+    raise ValueError(
+        f"--input {storage.public_uri(source.data_path)} holds pair images ({example}: width = 2 x height, "
+        f"A|B side by side) and model {job.info.name} does not record training on such pairs: pass "
+        "--half a (the left half), --half b (the right half) or --half whole (the whole image)")
+
+
+def sample_sizes(source: Source) -> list[tuple[int, int]]:
+    """(width, height) of the folder's first PAIR_SAMPLE readable images (headers only)."""
+    files = [f for f in visible_files(source.data_path, source.endpoint) if images.is_image_name(f)]
+    sizes = []
+    for name in sorted(files)[:PAIR_SAMPLE]:
+        try:
+            blob = storage.read_bytes(storage.join(source.data_path, name), source.endpoint)
+            with Image.open(io.BytesIO(blob)) as img:
+                sizes.append(img.size)
+        except (OSError, SyntaxError, ValueError):  # unreadable: BatchTranslator rejects it later
+            continue
+    return sizes
 
 
 @dataclass

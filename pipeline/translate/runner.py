@@ -46,6 +46,8 @@ def run(job: Job, source: Source, options: RunOptions | None = None) -> dict:
             bar.update(len(ok) + sum(len(work.tasks[e["input_id"]].samples) for e in new))
             bar.set_postfix(rejected=len(rejected), refresh=False)
     record = {"started": started, "finished": now(), "command": options.command, "counts": counts,
+              "ran": options.ran or ("on Ray" if options.use_ray else "in-process"),
+              "input_half": {"half": work.half, "why": work.half_reason},
               "rejected": [{"input_id": r["input_id"], "reason": r["reason"]} for r in rejected]}
     outputs.record_run(record)
     return record
