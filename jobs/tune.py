@@ -276,9 +276,10 @@ def summarise(results, args, cfg: RunConfig, mode: str, out_dir: str, parent_id:
     ]
     table_path = os.path.join(out_dir, "results.csv")
     table[keep].to_csv(table_path, index=False)
-    value = trial_best(best.metrics_dataframe, args.metric, mode)
-    values = [trial_best(r.metrics_dataframe, args.metric, mode) for r in results]
-    warnings = search_warnings(values, args.metric, mode, trial_floor(best.metrics_dataframe, args.metric))
+    value = search.trial_best(best.metrics_dataframe, args.metric, mode)
+    values = [search.trial_best(r.metrics_dataframe, args.metric, mode) for r in results]
+    floor = search.trial_floor(best.metrics_dataframe, args.metric)
+    warnings = search_warnings(values, args.metric, mode, floor)
     parent = Tracker(cfg.tracking.uri, parent_id)
     # tags, not params: a resumed search may find another best trial, and params never change
     parent.set_tags(
@@ -315,24 +316,6 @@ def log_search_views(parent, table, args, cfg: RunConfig, out_dir: str, value: f
              f"{cfg.data.dataset or cfg.data.path} ({len(table)} trials, {args.scheduler}): "
              f"best {args.metric} = {value:.4f} with {values}. Plot: objective_vs_keys.png; "
              "table: results.csv.")
-
-
-def trial_best(frame, metric: str, mode: str) -> float | None:
-    """A trial's best reported value of `metric` (None: it never reported it)."""
-    if frame is None or metric not in frame:
-        return None
-    column = frame[metric].dropna()
-    if column.empty:
-        return None
-    return float(column.max() if mode == "max" else column.min())
-
-
-def trial_floor(frame, metric: str) -> float | None:
-    """The floor a trial reported beside `metric` (floor/<metric>, constant per validation split)."""
-    key = f"floor/{metric}"
-    if frame is None or key not in frame or frame[key].dropna().empty:
-        return None
-    return float(frame[key].dropna().iloc[-1])
 
 
 def run(args) -> dict:

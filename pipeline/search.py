@@ -317,3 +317,21 @@ def objective_plot(table, dims: list[Dimension], metric: str, path: str) -> str:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def trial_best(frame, metric: str, mode: str) -> float | None:
+    """A trial's best reported value of `metric` (None: it never reported it)."""
+    if frame is None or metric not in frame:
+        return None
+    column = frame[metric].dropna()
+    if column.empty:
+        return None
+    return float(column.max() if mode == "max" else column.min())
+
+
+def trial_floor(frame, metric: str) -> float | None:
+    """The floor a trial reported beside `metric` (floor/<metric>, constant per validation split)."""
+    key = f"floor/{metric}"
+    if frame is None or key not in frame or frame[key].dropna().empty:
+        return None
+    return float(frame[key].dropna().iloc[-1])

@@ -9,8 +9,7 @@ import pandas as pd
 import pytest
 
 from jobs import train as train_job
-from jobs import tune as tune_job
-from pipeline import launch
+from pipeline import launch, search
 from pipeline.registry import load_generator
 from pipeline.terminal import Progress, metrics_table, search_warnings
 
@@ -81,9 +80,9 @@ def test_tune_reads_each_trials_best_and_the_floor_it_reported():
     frames = [pd.DataFrame({"eval/psnr_ab": [9.0, 11.0], "floor/eval/psnr_ab": [12.0, 12.0]}),
               pd.DataFrame({"eval/psnr_ab": [11.0, None], "floor/eval/psnr_ab": [12.0, None]}),
               pd.DataFrame({"loss/G/total": [1.0]})]
-    values = [tune_job.trial_best(f, "eval/psnr_ab", "max") for f in frames]
-    assert values == [11.0, 11.0, None] and tune_job.trial_floor(frames[0], "eval/psnr_ab") == 12.0
-    warnings = search_warnings(values, "eval/psnr_ab", "max", tune_job.trial_floor(frames[0], "eval/psnr_ab"))
+    values = [search.trial_best(f, "eval/psnr_ab", "max") for f in frames]
+    assert values == [11.0, 11.0, None] and search.trial_floor(frames[0], "eval/psnr_ab") == 12.0
+    warnings = search_warnings(values, "eval/psnr_ab", "max", search.trial_floor(frames[0], "eval/psnr_ab"))
     assert [w.split(":")[1].strip() for w in warnings] == [
         "the search did not discriminate",
         "the best eval/psnr_ab 11 does not beat its floor 12 (floor/eval/psnr_ab"]
