@@ -20,13 +20,22 @@ def batches_per_epoch(cfg, world: int) -> int:
     return n
 
 
+def reader_used(cfg) -> tuple[str, str]:
+    """("local" | "ray", why) for the run's training split: data.reader, "auto" resolved by size."""
+    from pipeline.data import choose_reader, read_manifest
+
+    auto = cfg.data.reader == "auto"  # only the size needs the manifest
+    manifest = read_manifest(cfg.data.path, cfg.storage.endpoint or None) if auto else None
+    return choose_reader(cfg.data.reader, manifest, cfg.data.train_split)
+
+
 def epoch_batches(cfg, world: int, rank: int, epoch: int, skip_batches: int):
     """This rank's batches of one epoch, starting after `skip_batches` (resume)."""
     from pipeline.data import ReadSpec
 
     spec = ReadSpec.from_config(cfg)
     where = dict(epoch=epoch, world_size=world, rank=rank, skip=skip_batches * spec.batch_size)
-    if cfg.data.reader == "ray":
+    if reader_used(cfg)[0] == "ray":
         from pipeline.data import ray_batches
 
         return ray_batches(spec, **where)
@@ -40,7 +49,7 @@ def batch_stream(cfg, world: int, rank: int, progress, per_step: int = 1):
     `per_step` batches. With the Ray Data reader the next epoch starts reading halfway through this
     one: a fresh Ray Data execution takes seconds to yield its first batch, which would otherwise
     stall every epoch boundary."""
-    per_epoch = batches_per_epoch(cfg, world)
+    per_epoch, read_ahead = batches_per_epoch(cfg, world), reader_used(cfg)[0] == "ray"
     epoch, skip = progress.epoch, progress.batch
     consumed, needed = progress.step * per_step, cfg.train.steps * per_step  # batches
     if skip >= per_epoch:
@@ -50,7 +59,7 @@ def batch_stream(cfg, world: int, rank: int, progress, per_step: int = 1):
         upcoming = None
         for index, batch in enumerate(current, start=skip):
             needs_next = consumed + per_epoch - index < needed  # batches left after this epoch
-            if upcoming is None and cfg.data.reader == "ray" and index >= per_epoch // 2 and needs_next:
+            if upcoming is None and read_ahead and index >= per_epoch // 2 and needs_next:
                 upcoming = Prefetched(epoch_batches, cfg, world, rank, epoch + 1, 0)
             consumed += 1
             yield epoch, index, batch

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from pipeline.batches import batch_stream, prepare_batch
+from pipeline.batches import batch_stream, prepare_batch, reader_used
 from pipeline.loop_eval import build_evaluator, eval_floors, evaluate, log_grids, register_generators
 from pipeline.session import PlainSession, RaySession, open_tracker
 from pipeline.trainee import (
@@ -146,6 +146,8 @@ def train(run: Run, budget) -> None:
                                wrap_optimizers(trainee.optimizers, session.world))
     per_step = run.spec.batches_per_step(run.model_cfg)  # fresh batches per generator update
     stream, meter = batch_stream(run.cfg, session.world, session.rank, trainee.progress, per_step), Meter()
+    used, why = reader_used(run.cfg)  # data.reader=auto decides by size: say what it chose
+    run.tracker.log_params({"data.reader_used": used, "data.reader_reason": why})
     channels_last = run.cfg.scaling.channels_last and session.device.type == "cuda"
     if session.device.type == "cuda":  # every batch has the crop's shape: autotuned kernels pay off
         torch.backends.cudnn.benchmark = True

@@ -31,8 +31,10 @@ class DataSettings:
     crop_size: int = checked(0)  # random crop fed to the nets; 0 = the whole (resized) image
     flip: bool = True
     swap_ab: bool = False  # aligned data: translate the right half to the left (pix2pix's BtoA)
-    # ray (Ray Data streams shards to each worker) | local (in-process, no Ray)
-    reader: str = checked("ray", choices=("ray", "local"))
+    # auto (local below pipeline.data.AUTO_LOCAL_BYTES of training split, else ray; logged as the
+    # params data.reader_used / data.reader_reason) | ray (Ray Data tasks decode for each worker) |
+    # local (in-process, no Ray)
+    reader: str = checked("auto", choices=("auto", "ray", "local"))
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"

@@ -224,3 +224,14 @@ def test_importing_the_data_package_loads_neither_ray_nor_torch():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_auto_reader_chooses_by_the_training_split_size(facades_small_dst, monkeypatch):
+    from pipeline.data import spec as spec_module
+
+    manifest = data.read_manifest(facades_small_dst)
+    assert data.choose_reader("auto", manifest, "train")[0] == "local"
+    monkeypatch.setattr(spec_module, "AUTO_LOCAL_BYTES", 1024)  # the sample's train split is larger
+    used, why = data.choose_reader("auto", manifest, "train")
+    assert used == "ray" and why.startswith("auto: split train is ") and why.endswith(">= 0.0 MiB")
+    assert data.choose_reader("local", manifest, "train") == ("local", "data.reader=local")

@@ -8,6 +8,7 @@ from runs import checkpoint_dir, tiny_run
 from pipeline import batches, loop
 from pipeline import checkpoint as ckpt
 from pipeline.run_config import DataSettings, TrainSettings, make_config
+from pipeline.session import NullTracker
 from pipeline.trainee import Progress
 
 
@@ -70,3 +71,19 @@ def test_look_ahead_counts_batches_per_step(monkeypatch, per_step, reads_next_ep
     resumed = batches.batch_stream(done, 1, 0, Progress(step=1, epoch=0, batch=2), 2)
     [next(resumed) for _ in range(2)]
     assert prefetched == []
+
+
+class ParamRecorder(NullTracker):
+    def __init__(self):
+        self.params = {}
+
+    def log_params(self, params: dict) -> None:
+        self.params.update(params)
+
+
+def test_the_run_records_which_reader_auto_chose(tmp_path, facades_small_dst):
+    cfg = tiny_run(tmp_path, facades_small_dst, "dualgan", steps=1, every=0, reader="auto")
+    recorder = ParamRecorder()
+    loop.run_plain(cfg, make_tracker=lambda cfg, rank: recorder, make_evaluator=lambda *args: None)
+    assert recorder.params["data.reader_used"] == "local"  # the sample is far under AUTO_LOCAL_BYTES
+    assert recorder.params["data.reader_reason"].startswith("auto: split train is ")

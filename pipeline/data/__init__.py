@@ -15,8 +15,8 @@ one split and domain in id order and is what the readers shuffle.
 
 Reading: `LocalReader` (no Ray; tests, demo, evaluation) and `augmented_dataset` / `ray_batches`
 (Ray Data, for Ray Train workers) take one `ReadSpec` and produce the same batches for the same
-spec, epoch, world size and rank. See `epoch_plan` for the order and `Augment` for the per-sample
-randomness.
+spec, epoch, world size and rank; `choose_reader` picks one for training (data.reader=auto).
+See `epoch_plan` for the order and `Augment` for the per-sample randomness.
 
 Modules, in import order: `manifest` (on-disk format), `sources` (finding the inputs), `ingest`
 (writing shards and the manifest), `order` (epoch order), `augment` (per-sample augmentation),
@@ -54,13 +54,13 @@ from pipeline.data.sources import (
     domain_channels,
     parse_labels,
 )
-from pipeline.data.spec import ReadSpec
+from pipeline.data.spec import AUTO_LOCAL_BYTES, ReadSpec, choose_reader
 
 __all__ = [
-    "ARRAY_PADDING", "DEFAULT_SHARD_BYTES", "DEFAULT_SHARD_ROWS", "LAYOUTS", "MANIFEST", "PROBE_FILES",
-    "SCHEMA", "SCHEMA_VERSION", "SHARD_NAME", "TEMP_NAME", "VAL_FRACTION", "Augment", "IngestError",
-    "IngestOptions", "Item", "LocalReader", "ReadSpec", "StrictRejects", "augmented_dataset", "carve_val",
-    "check_current", "content_hash", "detect_layout", "discover", "domain_channels", "epoch_plan", "ingest",
-    "parse_labels", "ray_batches", "ray_dataset", "read_manifest", "sha256", "shard_uris", "split_counts",
-    "to_float",
+    "ARRAY_PADDING", "AUTO_LOCAL_BYTES", "DEFAULT_SHARD_BYTES", "DEFAULT_SHARD_ROWS", "LAYOUTS", "MANIFEST",
+    "PROBE_FILES", "SCHEMA", "SCHEMA_VERSION", "SHARD_NAME", "TEMP_NAME", "VAL_FRACTION", "Augment",
+    "IngestError", "IngestOptions", "Item", "LocalReader", "ReadSpec", "StrictRejects", "augmented_dataset",
+    "carve_val", "check_current", "choose_reader", "content_hash", "detect_layout", "discover",
+    "domain_channels", "epoch_plan", "ingest", "parse_labels", "ray_batches", "ray_dataset", "read_manifest",
+    "sha256", "shard_uris", "split_counts", "to_float",
 ]  # fmt: skip

@@ -71,11 +71,16 @@ class LocalReader:
 
 
 def _read_table(manifest: dict, spec: ReadSpec, domain: str) -> dict:
-    """{"image": list of bytes, "label": int64 array} of one split/domain, in index order."""
+    """{"image": list of bytes, "label": int64 array or None} of one split/domain, in index order."""
+    table = read_split_table(manifest, spec, domain)
+    labels = table["label"].to_numpy(zero_copy_only=False) if table["label"].null_count == 0 else None
+    return {"image": table["image"].to_pylist(), "label": None if labels is None else labels.astype(np.int64)}
+
+
+def read_split_table(manifest: dict, spec: ReadSpec, domain: str) -> pa.Table:
+    """The `image` and `label` columns of one split/domain, row k = stored index k (both readers)."""
     tables = []
     for uri in shard_uris(manifest, spec.data_path, spec.split, domain):
         fs, path = storage.arrow_filesystem(uri, spec.endpoint)
         tables.append(pq.read_table(path, filesystem=fs, columns=["index", "image", "label"]))
-    table = pa.concat_tables(tables).sort_by("index")
-    labels = table["label"].to_numpy(zero_copy_only=False) if table["label"].null_count == 0 else None
-    return {"image": table["image"].to_pylist(), "label": None if labels is None else labels.astype(np.int64)}
+    return pa.concat_tables(tables).sort_by("index").select(["image", "label"]).combine_chunks()

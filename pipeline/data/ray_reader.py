@@ -6,6 +6,7 @@ ingest and the local reader never load it.
 
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -47,12 +48,17 @@ def augmented_dataset(spec: ReadSpec, *, epoch: int = 0, world_size: int = 1, ra
     row for row equal to LocalReader with the same arguments (`ray_batches` does both). Samples,
     not batches: the spec's batch_size and drop_last are the caller's to apply.
 
-    The pipeline: read_parquet of the split's shards -> keep the rows `epoch_plan` gives this
-    rank, tagged with their position -> sort by position (the epoch's shuffle; the split points
-    are known, so no sampling) -> decode and augment each position's rows with `Augment` (a and b
-    of one position always share a block).
+    The plan is made here, not by Ray: the split's encoded rows are read once per process and
+    Ray cluster and put in the object store (`_stored_split`; workers read them zero-copy), and
+    `epoch_plan` says which row each position takes. The dataset is then a list of position
+    blocks, each decoded and augmented by one task (`_augment_block`), in order. So an epoch
+    costs no read, sort or shuffle, only the start of a streaming execution (measured by
+    `benchmarks/readers.py`). Like LocalReader, the split's encoded bytes are held in memory
+    (here in the object store, once per node).
     """
-    manifest = read_manifest(spec.data_path, spec.endpoint)
+    import ray.data
+
+    manifest, tables = _stored_split(spec)
     counts = split_counts(manifest, spec.split)
     augment = spec.augment(manifest, epoch)
     positions, plan = epoch_plan(counts, spec.seed, epoch, world_size, rank)
@@ -61,21 +67,17 @@ def augmented_dataset(spec: ReadSpec, *, epoch: int = 0, world_size: int = 1, ra
         if not len(positions):
             raise ValueError(f"skip={skip} consumes the whole epoch of {skip} samples")
     labelled = [d for d in counts if d != "ab" and manifest["domains"][d]["labelled"]]
-    columns = ["domain", "index", "image"] + (["label"] if labelled else [])
-    ds = ray_dataset(spec.data_path, spec.split, columns=columns, endpoint=spec.endpoint)
-    _small_sort_settings(ds.context)
+    size = _block_positions(tables, augment, len(positions), spec.batch_size)
+    blocks = [{"start": start} for start in range(0, len(positions), size)]
+    ds = ray.data.from_items(blocks, override_num_blocks=len(blocks))
+    ds.context.execution_options.preserve_order = True  # epoch order is part of determinism
     _progress_bars(ds.context)
-    ds = ds.map_batches(
-        _select_rows, batch_format="pyarrow", fn_kwargs={"plan": plan, "positions": positions}
-    )
-    ds = ds.sort("pos", boundaries=_sort_boundaries(manifest, spec.split, positions))
-    ds = ds.map_batches(
-        _augment_rows,
-        batch_format="numpy",
-        batch_size=None,
-        fn_kwargs={"augment": augment, "domains": list(counts), "labelled": labelled},
-    )
-    return ds
+    return ds.map_batches(
+        _augment_block,
+        batch_size=1,
+        fn_kwargs={"tables": tables, "positions": positions, "plan": plan, "size": size,
+                   "augment": augment, "labelled": labelled},
+    )  # fmt: skip
 
 
 def _progress_bars(context) -> None:
@@ -89,70 +91,60 @@ def _progress_bars(context) -> None:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def _small_sort_settings(context) -> None:
-    """Settings of this dataset only (its context is a copy, shared by the datasets derived from
-    it): epoch order is part of determinism, and the task-based sort starts in a fraction of the
-    time of the default actor-based shuffle (measured: 2 s vs 6.6 s per facades epoch)."""
-    from ray.data.context import ShuffleStrategy
-
-    context.execution_options.preserve_order = True
-    context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+_STORED: dict = {}  # (cluster, data path, split, content hash) -> (manifest, {domain: ObjectRef})
 
 
-def _sort_boundaries(manifest: dict, split: str, positions: np.ndarray, partitions: int = 8) -> list[int]:
-    """Split points for the sort. The positions are known, so Ray need not sample them. About
-    `partitions` partitions (Ray's default is 200: seconds of overhead for a small epoch), each
-    under 32 MiB so that it stays one block and both rows of a position reach `_augment_rows`
-    together."""
-    shards = [s for s in manifest["shards"] if s["split"] == split]
-    row_bytes = sum(s["bytes"] for s in shards) / max(1, sum(s["rows"] for s in shards))
-    by_bytes = 32 * 2**20 / max(row_bytes, 1) / len({s["domain"] for s in shards})
-    per_partition = int(np.clip(min(by_bytes, -(-len(positions) // partitions)), 1, 256))
-    return positions[per_partition::per_partition].tolist() or [int(positions[-1]) + 1]
+def _stored_split(spec: ReadSpec) -> tuple[dict, dict]:
+    """The manifest and the split's {domain: ObjectRef of its (image, label) table}, read and put
+    once per process and Ray cluster: every epoch after the first reuses them."""
+    import ray
+
+    from pipeline.data.local import read_split_table
+
+    manifest = read_manifest(spec.data_path, spec.endpoint)
+    cluster = ray.get_runtime_context().gcs_address
+    key = (cluster, spec.data_path, spec.endpoint, spec.split, manifest["content_hash"])
+    if key not in _STORED:
+        for old in [k for k in _STORED if k[0] != cluster]:  # refs of a cluster that is gone
+            del _STORED[old]
+        refs = {d: ray.put(read_split_table(manifest, spec, d)) for d in split_counts(manifest, spec.split)}
+        _STORED[key] = (manifest, refs)
+    return _STORED[key]
 
 
-def _select_rows(table: pa.Table, plan: dict, positions: np.ndarray) -> pa.Table:
-    """Keep the rows this rank reads, once per position that reads them, tagged with `pos`."""
-    domains = np.array(table["domain"].to_pylist(), dtype=object)
-    indices = table["index"].to_numpy()
-    take, pos = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    for domain, wanted in plan.items():
-        rows = np.flatnonzero(domains == domain)
-        order = np.argsort(wanted, kind="stable")
-        lo = np.searchsorted(wanted[order], indices[rows], "left")
-        hi = np.searchsorted(wanted[order], indices[rows], "right")
-        take.append(np.repeat(rows, hi - lo))
-        pos += [positions[order[a:b]] for a, b in zip(lo, hi, strict=True)]
-    out = table.take(pa.array(np.concatenate(take), pa.int64())).drop_columns(["index"])
-    if "label" in out.column_names:
-        out = out.set_column(out.column_names.index("label"), "label", out["label"].fill_null(-1))
-    return out.append_column("pos", pa.array(np.concatenate(pos).astype(np.int64)))
+def _block_positions(tables: dict, augment: Augment, positions: int, batch_size: int) -> int:
+    """Positions per task: about 8 MiB of decoded samples (a few tasks per epoch amortise Ray's
+    per-task cost; blocks small enough that the first batch comes soon), 16 to 1024, rounded to
+    whole batches so that no batch spans two blocks (Ray would copy it together)."""
+    import ray
+
+    sample = 0
+    for domain, ref in tables.items():  # one decoded sample of each domain gives the block's bytes
+        image = ray.get(ref)["image"][0].as_py()
+        sample += sum(p.nbytes for p in augment.sample(domain, image, 0))
+    size = int(np.clip(8 * 2**20 // max(sample, 1), 16, 1024))
+    return max(batch_size, size - size % batch_size)
 
 
-def _augment_rows(batch: dict, augment: Augment, domains: list[str], labelled: list[str]) -> dict:
-    """One output row per position, with every domain's sample of that position."""
-    if len(batch["pos"]) == 0:
-        return {}
-    by_position: dict[int, dict[str, int]] = {}
-    for row, (pos, domain) in enumerate(zip(batch["pos"].tolist(), batch["domain"].tolist(), strict=True)):
-        by_position.setdefault(pos, {})[domain] = row
-    out: dict[str, list] = {}
-    for pos in sorted(by_position):
-        rows = by_position[pos]
-        if sorted(rows) != sorted(domains):
-            raise RuntimeError(
-                f"position {pos} has domains {sorted(rows)}, expected {domains}: a block was split"
-            )
-        for domain in domains:
-            sample = augment.sample(domain, bytes(batch["image"][rows[domain]]), pos)
-            for key, pixels in zip(sample_keys(domain), sample, strict=True):
-                out.setdefault(key, []).append(pixels)
+def _augment_block(batch: dict, tables: dict, positions: np.ndarray, plan: dict, size: int,
+                   augment: Augment, labelled: list[str]) -> dict:  # fmt: skip
+    """The decoded, augmented samples of one block of positions, every domain's in one row."""
+    import ray
+
+    out = {}
+    for start in batch["start"].tolist():
+        where = slice(start, start + size)
+        for domain, ref in tables.items():
+            table = ray.get(ref)  # zero-copy from the object store
+            rows, images = plan[domain][where], table["image"]
+            samples = [augment.sample(domain, images[int(r)].as_py(), p)
+                       for r, p in zip(rows, positions[where], strict=True)]  # fmt: skip
+            for k, key in enumerate(sample_keys(domain)):
+                out.setdefault(key, []).append(stack([s[k] for s in samples], key))
             if domain in labelled:
-                out.setdefault(f"label_{domain}", []).append(int(batch["label"][rows[domain]]))
-    return {
-        key: stack(v, key) if not key.startswith("label_") else np.array(v, np.int64)
-        for key, v in out.items()
-    }
+                labels = table["label"].take(pa.array(rows)).to_numpy(zero_copy_only=False)
+                out.setdefault(f"label_{domain}", []).append(labels.astype(np.int64))
+    return {key: np.concatenate(parts) for key, parts in out.items()}
 
 
 def ray_batches(
@@ -171,4 +163,17 @@ def ray_batches(
         context = ray.train.get_context()
         world_size, rank = context.get_world_size(), context.get_world_rank()
     ds = augmented_dataset(spec, epoch=epoch, world_size=world_size, rank=rank, skip=skip)
-    return (to_float(b) for b in ds.iter_torch_batches(batch_size=spec.batch_size, drop_last=spec.drop_last))
+    batches = ds.iter_batches(batch_size=spec.batch_size, batch_format="numpy", drop_last=spec.drop_last)
+    return (_to_torch(b) for b in batches)
+
+
+def _to_torch(batch: dict) -> dict:
+    """A numpy batch as `to_float` torch tensors, cheaper than iter_torch_batches' collate: the
+    uint8 images are taken from the object store without a copy (read-only buffers; to_float
+    writes new tensors) and converted once; the small label arrays are copied."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        out = {k: torch.from_numpy(v) if v.dtype == np.uint8 else torch.tensor(v) for k, v in batch.items()}
+    return to_float(out)

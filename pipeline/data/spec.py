@@ -4,6 +4,14 @@ from dataclasses import dataclass
 
 from pipeline.data.augment import Augment
 
+# data.reader=auto reads a training split in-process (LocalReader) below this many stored bytes and
+# with Ray Data above. Measured on 2 cores (benchmarks/readers.py, issue 15): Ray Data gives 0.2-0.5x
+# of LocalReader's pairs per core on facades (20 MB) and mnist2mnistm (3 MB), with no crossover in
+# that range: its cost per sample (tasks, object store, the consumer's scheduling) is not only a
+# fixed cost per epoch. LocalReader holds the encoded split in each process's memory, so above
+# this size Ray Data (one copy in the object store per node, spilled to disk when it is full).
+AUTO_LOCAL_BYTES = 1 << 30
+
 
 @dataclass(frozen=True)
 class ReadSpec:
@@ -51,3 +59,15 @@ class ReadSpec:
         load = self.load_size or manifest.get("load_size")
         channels = {d: self.channels or info["channels"] for d, info in manifest["domains"].items()}
         return Augment(self.crop_size, load, self.flip, self.seed, epoch, channels)
+
+
+def choose_reader(requested: str, manifest: dict | None, split: str) -> tuple[str, str]:
+    """("local" | "ray", why) for data.reader `requested` ("auto", "local", "ray") and this split of
+    the dataset (only "auto" needs its manifest)."""
+    if requested != "auto":
+        return requested, f"data.reader={requested}"
+    stored = sum(s["bytes"] for s in manifest["shards"] if s["split"] == split)
+    sizes = f"{stored / 2**20:.1f} MiB {{}} {AUTO_LOCAL_BYTES / 2**20:.1f} MiB"
+    if stored < AUTO_LOCAL_BYTES:
+        return "local", f"auto: split {split} is {sizes.format('<')}"
+    return "ray", f"auto: split {split} is {sizes.format('>=')}"
