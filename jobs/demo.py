@@ -47,7 +47,7 @@ class Settings:
 
     out: str
     train_minutes: float | None = 3.5  # None: the steps given in train_set
-    # half the -15min recipe's widths: twice the steps, which a short budget needs more than width
+    # half the -15min recipe's widths: about twice the steps, which a short budget needs more
     train_set: list = dataclasses.field(
         default_factory=lambda: ["eval.max_images=100", "model.ngf=16", "model.ndf=16"])
     search_trials: int = 4
@@ -165,7 +165,7 @@ def search(s: Settings, data: dict) -> dict:
 
     argv = ["--recipe", "dualgan_facades-quick", "--num-samples", str(s.search_trials),
             "--max-steps", str(s.search_steps), "--eval-every", str(max(1, s.search_steps // 4)),
-            "--scheduler", "asha", "--name", f"demo-search-{s.stamp}",
+            "--scheduler", "asha", "--max-concurrent", "2", "--name", f"demo-search-{s.stamp}",
             "--set", f"data.path={data['facades']}", *s.search_set]
     args = tune.parse_args(argv, tune_dualgan.DEFAULTS)
     return {**tune.run(args), "name": args.name, "metric": args.metric}
@@ -198,6 +198,7 @@ def promote(s: Settings, metrics: dict) -> dict:
 def translate(s: Settings, data: dict, model: str) -> dict:
     """A folder of MNIST-M test digits through MODEL-ba@production, and a side-by-side sheet."""
     from jobs import translate as translate_job
+    from pipeline import demo_summary
 
     folder, output = s.path("translate_in"), s.path(f"translated-{s.stamp}")
     source = os.path.join(s.path("source", "mnist2mnistm-demo"), "testB")
@@ -207,38 +208,11 @@ def translate(s: Settings, data: dict, model: str) -> dict:
         shutil.copyfile(os.path.join(source, name), os.path.join(folder, name))
     check(translate_job.main(["--model", f"{model}@production", "--input", folder, "--output", output,
                               "--no-progress"]), "translate.py")
-    sheet = side_by_side(folder, output, names, s.path(f"translated-{s.stamp}.png"))
+    sheet = demo_summary.side_by_side(folder, output, names, s.path(f"translated-{s.stamp}.png"))
     return {"input": folder, "output": output, "sheet": sheet}
 
 
-def side_by_side(folder: str, output: str, names: list, path: str) -> str:
-    """Inputs (top row) over their translations (bottom row), each tile 128 px (nearest neighbour)."""
-    from PIL import Image
-
-    tile = 128
-    sheet = Image.new("RGB", (tile * len(names), 2 * tile), "white")
-    for i, name in enumerate(names):
-        for row, where in enumerate((folder, output)):
-            with Image.open(os.path.join(where, name)) as im:
-                sheet.paste(im.convert("RGB").resize((tile, tile), Image.NEAREST), (i * tile, row * tile))
-    sheet.save(path)
-    return path
-
-
-# ----------------------------------------------------------------------------- 6. summary
-
-
-def score_lines(metrics: dict) -> list[str]:
-    """Each test metric that has a floor (baseline/...), beside it and its ceiling."""
-    lines = []
-    for key in sorted(k for k in metrics if k.startswith("test/")):
-        floor = metrics.get(key.replace("test/", "baseline/", 1))
-        if floor is None:
-            continue
-        ceiling = metrics.get(key.replace("test/", "ceiling/", 1))
-        top = "" if ceiling is None else f"  ceiling {ceiling:.3f}"
-        lines.append(f"  {key:<24} {metrics[key]:.3f}   floor {floor:.3f}{top}")
-    return lines
+# ----------------------------------------------------------------------------- the flow
 
 
 def artifacts(uri: str, run_id: str) -> str:
@@ -247,30 +221,6 @@ def artifacts(uri: str, run_id: str) -> str:
 
     where = MlflowClient(uri).get_run(run_id).info.artifact_uri
     return where.removeprefix("file://")
-
-
-def summary(s: Settings, trained: dict, searched: dict, gate: dict, translated: dict, uri: str) -> list[str]:
-    db = os.path.join(s.home, "mlflow.db")
-    best = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in searched["best_params"].items())
-    grids = os.path.join(artifacts(uri, trained["run_id"]), "test_samples")
-    lines = [f"training run {trained['run_name']} ({trained['wall_s']:.0f} s), test split:",
-             *score_lines(trained["metrics"]),
-             f"search {searched['name']}: best {searched['metric']} = {searched['best_value']:.4f}",
-             f"  with {best}",
-             f"  results: {searched['results']}",
-             f"promoted {gate['name']} to @production: {gate['key']} >= {gate['bound']:.4f}",
-             f"translated: {translated['output']}  (inputs over outputs: {translated['sheet']})",
-             f"test grids (input | translation | reconstruction): {grids}",
-             "see it all in MLflow:",
-             f"  mlflow ui --backend-store-uri sqlite:///{db} --port 5000",
-             "  then open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (MLflow 3 opens "
-             "in its GenAI mode: pick \"Model training\" in the switch at the top)"]
-    assert uri == f"sqlite:///{db}", uri  # the runs are where the command points
-    return lines
-
-
-# ----------------------------------------------------------------------------- the flow
 
 
 def environment(s: Settings) -> None:
@@ -315,9 +265,12 @@ def run(s: Settings) -> list[str]:
         gate = promote(s, trained["metrics"])
     with phase(5, f"translate: {s.translate_images} MNIST-M digits through {gate['name']}@production"):
         translated = translate(s, data, MODEL + "-" + DIRECTION)
+    from pipeline.demo_summary import summary
     from pipeline.launch import tracking_uri
 
-    lines = summary(s, trained, searched, gate, translated, tracking_uri(None))
+    uri = tracking_uri(None)
+    grids = os.path.join(artifacts(uri, trained["run_id"]), "test_samples")
+    lines = summary(trained, searched, gate, translated, uri, grids)
     print(f"\n[{PHASES}/{PHASES}] summary\n" + "\n".join(lines), flush=True)
     return lines
 
