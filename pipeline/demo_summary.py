@@ -41,7 +41,8 @@ def summary(trained: dict, searched: dict, gate: dict, translated: dict, uri: st
              f"search {searched['name']}: best {searched['metric']} = {searched['best_value']:.4f}",
              f"  with {best}",
              f"  results: {searched['results']}",
-             f"promoted {gate['name']} to @production: {gate['key']} >= {gate['bound']:.4f}",
+             f"{'promoted' if gate['promoted'] else 'NOT promoted'} {gate['name']} to @production: "
+             f"{gate['key']} >= {gate['bound']:.4f}",
              f"translated: {translated['output']}  (inputs over outputs: {translated['sheet']})",
              f"test grids (input | translation | reconstruction): {grids}",
              "see it all in MLflow:",

@@ -2,6 +2,7 @@
 search, the promotion gate, batch translation through @production, and a closing summary. Here its
 functions run with tiny settings (few steps, tiny widths, 2 trials), so that the flow cannot rot."""
 
+import dataclasses
 import os
 
 import pytest
@@ -41,6 +42,10 @@ def test_demo_runs_the_whole_flow(tmp_path, ray_cluster, demo_env):
 
     version = client.get_model_version_by_alias(f"{demo.MODEL}-{demo.DIRECTION}", "production")
     assert version.run_id == trained.info.run_id
+
+    # a bound no model passes: the gate refuses, and the demo goes on with the latest version, saying so
+    refused = demo.promote(dataclasses.replace(s, gate=1.5), {"test/label_acc_ba": 0.5})
+    assert not refused["promoted"] and refused["model"] == f"{demo.MODEL}-{demo.DIRECTION}"
 
     translated = sorted(p.name for p in (tmp_path / f"translated-{s.stamp}").glob("*.png"))
     assert translated == sorted(os.listdir(tmp_path / "translate_in")) and len(translated) == 3
