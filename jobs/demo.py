@@ -165,7 +165,7 @@ def search(s: Settings, data: dict) -> dict:
 
     argv = ["--recipe", "dualgan_facades-quick", "--num-samples", str(s.search_trials),
             "--max-steps", str(s.search_steps), "--eval-every", str(max(1, s.search_steps // 4)),
-            "--scheduler", "asha", "--max-concurrent", "2", "--name", f"demo-search-{s.stamp}",
+            "--scheduler", "asha", "--max-concurrent", "2", "--no-table", "--name", f"demo-search-{s.stamp}",
             "--set", f"data.path={data['facades']}", *s.search_set]
     args = tune.parse_args(argv, tune_dualgan.DEFAULTS)
     return {**tune.run(args), "name": args.name, "metric": args.metric}

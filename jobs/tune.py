@@ -80,6 +80,8 @@ def add_arguments(p: argparse.ArgumentParser, defaults: dict) -> argparse.Argume
     )
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else local)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-table", action="store_true",
+                   help="no Tune status table while the search runs (the final tables stay)")
     launch.verbose_flag(p)
     return p
 
@@ -216,6 +218,7 @@ def make_tuner(args, cfg: RunConfig, dims, mode: str, name: str, storage_path: s
         checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
         failure_config=tune.FailureConfig(max_failures=1),
         callbacks=[tune_state.StateSigner(name, tune_state.key_path(cfg.home, args.state_key))],
+        verbose=0 if args.no_table else None,  # 0: Tune prints nothing while it runs
     )
     if args.resume:
         return tune.Tuner.restore(
