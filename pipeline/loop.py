@@ -41,21 +41,43 @@ from pipeline.trainee import (
 class Meter:
     """Step losses and timings averaged over the logging window. A loss is averaged over the steps
     that reported it (CoGAN updates D every other step). `images` is every image a step consumed:
-    all n_critic batches of a DualGAN step, on all workers."""
+    all n_critic batches of a DualGAN step, on all workers.
+
+    The losses are the steps' detached device tensors (the step contract), kept as they are until
+    `read()` copies all of them to the host at once: one sync per log point or checkpoint instead
+    of one per step, so a GPU step never waits for the host. The wait in `read()` counts as busy
+    time (it is the steps' own GPU work finishing)."""
 
     def __init__(self):
         self.sums, self.counts, self.count, self.images, self.wait, self.busy = {}, {}, 0, 0, 0.0, 0.0
+        self.pending = []  # (step, {name: 0-dim tensor}) not read yet
 
-    def add(self, losses: dict, images: int, wait: float, total: float) -> None:
-        for k, v in losses.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-            self.counts[k] = self.counts.get(k, 0) + 1
+    def add(self, losses: dict, images: int, wait: float, total: float, step: int = 0) -> None:
+        self.pending.append((step, losses))
         self.count += 1
         self.images += images
         self.wait += wait
         self.busy += total
 
+    def read(self) -> None:
+        """The pending losses on the host, in one stacked copy, added to the window's sums; raises
+        FloatingPointError naming the first step with a non-finite loss."""
+        if not self.pending:
+            return
+        started = time.perf_counter()
+        values = [v for _, losses in self.pending for v in losses.values()]
+        host = iter(torch.stack(values).tolist()) if values else iter(())
+        pending, self.pending = self.pending, []
+        for step, losses in pending:
+            read = {k: next(host) for k in losses}
+            check_finite(read, step)
+            for k, v in read.items():
+                self.sums[k] = self.sums.get(k, 0.0) + v
+                self.counts[k] = self.counts.get(k, 0) + 1
+        self.busy += time.perf_counter() - started
+
     def flush(self) -> dict:
+        self.read()
         if not self.count:
             return {}
         out = {k: v / self.counts[k] for k, v in self.sums.items()}
@@ -160,7 +182,7 @@ def train(run: Run, budget) -> None:
         trainee.progress = dataclasses.replace(trainee.progress, step=trainee.progress.step + 1,
                                                epoch=epoch, batch=index + 1)
         images = sum(b["a" if "a" in b else "b"].shape[0] for b in batches) * session.world
-        meter.add(losses, images, waited, time.perf_counter() - start)
+        meter.add(losses, images, waited, time.perf_counter() - start, trainee.progress.step)
         fixed = budget.decide(trainee.progress.step) if budget and not trainee.progress.steps else 0
         if fixed:
             run.cfg = fix_steps(run.cfg, trainee, fixed)
@@ -170,7 +192,8 @@ def train(run: Run, budget) -> None:
 
 
 def one_step(run: Run, run_nets, optimizers, batches: list) -> dict:
-    """One generator update (with whatever discriminator updates the model makes) and its losses."""
+    """One generator update (with whatever discriminator updates the model makes) and its losses,
+    still on the device: the Meter reads and checks them at the next log point or checkpoint."""
     from pipeline.distributed import average_buffers
 
     trainee, session = run.trainee, run.session
@@ -178,7 +201,6 @@ def one_step(run: Run, run_nets, optimizers, batches: list) -> dict:
     with autocast(run.cfg, session.device):
         given = batches[0] if len(batches) == 1 else batches
         losses = run.spec.train_step(run.model_cfg, run_nets, optimizers, given, trainee.state)
-    check_finite(losses, trainee.progress.step + 1)
     if session.world > 1:
         average_buffers(trainee.nets, session.world)
     for scheduler in trainee.schedulers.values():
@@ -215,12 +237,15 @@ def after_step(run: Run, meter: Meter, decided: bool = False) -> None:
     (the checkpoint keeps the decision; the evaluation gives Tune's report its metric)."""
     cfg, session, trainee, tracker = run.cfg, run.session, run.trainee, run.tracker
     step, last = trainee.progress.step, trainee.progress.step == cfg.train.steps
-    if step % cfg.train.log_every == 0 or last:
-        lrs = {f"lr/{k}": o.param_groups[0]["lr"] for k, o in trainee.optimizers.items()}
-        tracker.log_metrics({**meter.flush(), **lrs, "progress/epoch": trainee.progress.epoch}, step)
+    log_now = step % cfg.train.log_every == 0 or last
     evaluate_now = (bool(cfg.eval.every) and step % cfg.eval.every == 0) or last or decided
     periodic = bool(cfg.checkpoint.every) and step % cfg.checkpoint.every == 0
     checkpoint_now = periodic or last or decided
+    if log_now or evaluate_now or checkpoint_now:  # the only host syncs of the loop's own
+        meter.read()  # raises on a non-finite loss: nothing with it is logged, evaluated or saved
+    if log_now:
+        lrs = {f"lr/{k}": o.param_groups[0]["lr"] for k, o in trainee.optimizers.items()}
+        tracker.log_metrics({**meter.flush(), **lrs, "progress/epoch": trainee.progress.epoch}, step)
     if not (evaluate_now or checkpoint_now):
         return
     metrics = {"step": step}
