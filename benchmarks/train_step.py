@@ -274,7 +274,7 @@ def flop_count(step) -> int:
 
 def time_steps(step, warmup: int, steps: int, device) -> tuple[float, list[float], float]:
     """Seconds per step, timed as the reference: warm-up, sync, `steps` steps, sync. Also each
-    step's own time on CPU (where the step's float losses already wait for it), for a median, and
+    step's own time on CPU (where a step runs synchronously), for a median, and
     the process's CPU seconds per step."""
     import torch
 

@@ -6,9 +6,12 @@
   `G`, `E`, `D`, `D2`; CoGAN one coupled `G` and one coupled `D`);
 - `LR`: the paper's learning rate, the default of a run's `optim.lr` (the one place a run sets it);
 - `make_optimizers(cfg, nets, lr) -> dict[str, Optimizer]`;
-- `train_step(cfg, nets, optimizers, batch, state) -> dict[str, float]`: one generator update
+- `train_step(cfg, nets, optimizers, batch, state) -> dict[str, Tensor]`: one generator update
   with the model's own discriminator updates; never changes train/eval modes, never logs, never
-  does I/O; `state` is a dict the caller keeps and checkpoints (image pools, step counter);
+  does I/O; `state` is a dict the caller keeps and checkpoints (image pools, step counter). The
+  losses come back as detached fp32 0-dim tensors on the nets' device (`losses.reported`), never
+  read on the host: a float() or .item() here would make every GPU step wait for the host, so the
+  caller reads them in batches (the loop: at log points and checkpoints);
 - `batches_per_step(cfg) -> int`: how many fresh batches one `train_step` call consumes (default
   1; a module may define its own). At 1 the loop passes `batch` as one dict; at k > 1 it passes a
   list of k dicts, each drawn fresh from the data (DualGAN: critic update i sees batch i, the

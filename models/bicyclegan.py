@@ -31,7 +31,7 @@ from models.layers import (
     init_weights,
     set_requires_grad,
 )
-from models.losses import GAN_MODES, gan_loss, kl_to_standard_normal
+from models.losses import GAN_MODES, gan_loss, kl_to_standard_normal, reported
 from models.norms import NORM_KINDS
 
 LR = 2e-4  # the paper's learning rate: the default of a run's optim.lr
@@ -164,7 +164,7 @@ def train_step(cfg, nets, optimizers, batch, state):
     out = generator_encoder_step(cfg, nets, optimizers, f)
     out.update(discriminator_step(cfg, nets, optimizers, f))
     state["step"] += 1
-    return {k: float(v.detach()) for k, v in out.items()}
+    return reported(out)
 
 
 @torch.no_grad()

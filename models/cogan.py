@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from models.layers import init_weights, set_requires_grad
-from models.losses import GAN_MODES, gan_loss
+from models.losses import GAN_MODES, gan_loss, reported
 
 LR = 2e-4  # the paper's learning rate: the default of a run's optim.lr
 
@@ -172,7 +172,7 @@ def train_step(cfg, nets, optimizers, batch, state):
         out.update(discriminator_step(cfg, nets, optimizers, real_a, real_b))
     out.update(generator_step(cfg, nets, optimizers, real_a.shape[0], real_a))
     state["step"] += 1
-    return {k: float(v.detach()) for k, v in out.items()}
+    return reported(out)
 
 
 @torch.no_grad()

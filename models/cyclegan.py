@@ -14,7 +14,7 @@ from torch import nn
 
 from models.image_pool import ImagePool
 from models.layers import PatchDiscriminator, ResnetGenerator, init_weights, set_requires_grad
-from models.losses import GAN_MODES, discriminator_loss, gan_loss
+from models.losses import GAN_MODES, discriminator_loss, gan_loss, reported
 from models.norms import NORM_KINDS
 
 LR = 2e-4  # the paper's learning rate: the default of a run's optim.lr
@@ -94,7 +94,7 @@ def train_step(cfg, nets, optimizers, batch, state):
     optimizers["D"].step()
     state["step"] += 1
     loss["loss/G/total"] = loss_g
-    return {k: float(v.detach()) for k, v in loss.items()}
+    return reported(loss)
 
 
 @torch.no_grad()

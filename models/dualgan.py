@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.layers import PatchDiscriminator, UnetGenerator, init_weights, set_requires_grad
-from models.losses import discriminator_loss, gan_loss, gradient_penalty
+from models.losses import discriminator_loss, gan_loss, gradient_penalty, reported
 from models.norms import NORM_KINDS
 
 DUALGAN_LOSSES = ("wgan", "wgan-gp", "lsgan")
@@ -185,7 +185,7 @@ def train_step(cfg, nets, optimizers, batch, state):
         out["loss/D/wasserstein_a"] = -out["loss/D/a"]
         out["loss/D/wasserstein_b"] = -out["loss/D/b"]
     state["step"] += 1
-    return {k: float(v.detach()) for k, v in out.items()}
+    return reported(out)
 
 
 @torch.no_grad()

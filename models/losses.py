@@ -49,3 +49,9 @@ def gradient_penalty(disc, real, fake, weight=10.0):
 def kl_to_standard_normal(mu, logvar):
     """KL(N(mu, exp(logvar)) ‖ N(0, I)), summed over latent dims and batch (BicycleGAN's form)."""
     return -0.5 * torch.sum(1 + logvar.float() - mu.float().pow(2) - logvar.float().exp())
+
+
+def reported(losses: dict) -> dict:
+    """A step's losses as the contract returns them: detached fp32 0-dim tensors, left on the
+    device, so that returning them costs no host sync (the loop reads them in batches)."""
+    return {k: v.detach().float() for k, v in losses.items()}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.layers import PatchDiscriminator, UnetGenerator, init_weights, set_requires_grad
-from models.losses import GAN_MODES, gan_loss
+from models.losses import GAN_MODES, gan_loss, reported
 from models.norms import NORM_KINDS
 
 LR = 2e-4  # the paper's learning rate: the default of a run's optim.lr
@@ -74,7 +74,7 @@ def train_step(cfg, nets, optimizers, batch, state):
     set_requires_grad([nets["D"]], True)
     state["step"] += 1
     out = {"loss/D/total": loss_d, "loss/G/gan": g_gan, "loss/G/l1": g_l1, "loss/G/total": g_gan + g_l1}
-    return {k: float(v.detach()) for k, v in out.items()}
+    return reported(out)
 
 
 @torch.no_grad()

@@ -95,10 +95,16 @@ class Prefetched:
 
 
 def prepare_batch(cfg, batch: dict, device, channels_last: bool) -> dict:
+    """The batch on `device` (a and b swapped when data.swap_ab). To a GPU it goes through pinned
+    host memory: only a copy from pinned memory is asynchronous, so the step's kernels queue behind
+    it while the host reads the next batch; a copy from pageable memory makes the host wait."""
     keys = {"a": "b", "b": "a", "label_a": "label_b", "label_b": "label_a"} if cfg.data.swap_ab else {}
+    pin = torch.device(device).type == "cuda"
     out = {}
     for key, value in batch.items():
         if key in ("a", "b", "label_a", "label_b"):
+            if pin and value.device.type == "cpu" and not value.is_pinned():
+                value = value.pin_memory()
             value = value.to(device, non_blocking=True)
             if channels_last and value.dim() == 4:
                 value = value.contiguous(memory_format=torch.channels_last)

@@ -41,21 +41,43 @@ from pipeline.trainee import (
 class Meter:
     """Step losses and timings averaged over the logging window. A loss is averaged over the steps
     that reported it (CoGAN updates D every other step). `images` is every image a step consumed:
-    all n_critic batches of a DualGAN step, on all workers."""
+    all n_critic batches of a DualGAN step, on all workers.
+
+    The losses are the steps' detached device tensors (the step contract), kept as they are until
+    `read()` copies all of them to the host at once: one sync per log point or checkpoint instead
+    of one per step, so a GPU step never waits for the host. The wait in `read()` counts as busy
+    time (it is the steps' own GPU work finishing)."""
 
     def __init__(self):
         self.sums, self.counts, self.count, self.images, self.wait, self.busy = {}, {}, 0, 0, 0.0, 0.0
+        self.pending = []  # (step, {name: 0-dim tensor}) not read yet
 
-    def add(self, losses: dict, images: int, wait: float, total: float) -> None:
-        for k, v in losses.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-            self.counts[k] = self.counts.get(k, 0) + 1
+    def add(self, losses: dict, images: int, wait: float, total: float, step: int = 0) -> None:
+        self.pending.append((step, losses))
         self.count += 1
         self.images += images
         self.wait += wait
         self.busy += total
 
+    def read(self) -> None:
+        """The pending losses on the host, in one stacked copy, added to the window's sums; raises
+        FloatingPointError naming the first step with a non-finite loss."""
+        if not self.pending:
+            return
+        started = time.perf_counter()
+        values = [v for _, losses in self.pending for v in losses.values()]
+        host = iter(torch.stack(values).tolist()) if values else iter(())
+        pending, self.pending = self.pending, []
+        for step, losses in pending:
+            read = {k: next(host) for k in losses}
+            check_finite(read, step)
+            for k, v in read.items():
+                self.sums[k] = self.sums.get(k, 0.0) + v
+                self.counts[k] = self.counts.get(k, 0) + 1
+        self.busy += time.perf_counter() - started
+
     def flush(self) -> dict:
+        self.read()
         if not self.count:
             return {}
         out = {k: v / self.counts[k] for k, v in self.sums.items()}
@@ -163,14 +185,14 @@ def train(run: Run, budget) -> None:
         trainee.progress = dataclasses.replace(trainee.progress, step=trainee.progress.step + 1,
                                                epoch=epoch, batch=index + 1)
         images = sum(b["a" if "a" in b else "b"].shape[0] for b in batches) * session.world
-        meter.add(losses, images, waited, time.perf_counter() - start)
+        meter.add(losses, images, waited, time.perf_counter() - start, trainee.progress.step)
         fixed = budget.decide(trainee.progress.step) if budget and not trainee.progress.steps else 0
         if fixed:
             run.cfg = fix_steps(run.cfg, trainee, fixed)
-        if progress:
+        logged = after_step(run, meter, decided=bool(fixed))
+        if progress:  # losses only as the log points read them: the line adds no host sync
             steps = run.cfg.train.steps
-            progress.update(trainee.progress.step, None if steps == UNDECIDED else steps, losses, images)
-        after_step(run, meter, decided=bool(fixed))
+            progress.update(trainee.progress.step, None if steps == UNDECIDED else steps, logged, images)
         if fixed:  # logged once the checkpoint holds it: a restart before that decides afresh
             report_budget(run, fixed)
     if progress:
@@ -190,7 +212,8 @@ def open_progress(run: Run):
 
 
 def one_step(run: Run, run_nets, optimizers, batches: list) -> dict:
-    """One generator update (with whatever discriminator updates the model makes) and its losses."""
+    """One generator update (with whatever discriminator updates the model makes) and its losses,
+    still on the device: the Meter reads and checks them at the next log point or checkpoint."""
     from pipeline.distributed import average_buffers
 
     trainee, session = run.trainee, run.session
@@ -198,7 +221,6 @@ def one_step(run: Run, run_nets, optimizers, batches: list) -> dict:
     with autocast(run.cfg, session.device):
         given = batches[0] if len(batches) == 1 else batches
         losses = run.spec.train_step(run.model_cfg, run_nets, optimizers, given, trainee.state)
-    check_finite(losses, trainee.progress.step + 1)
     if session.world > 1:
         average_buffers(trainee.nets, session.world)
     for scheduler in trainee.schedulers.values():
@@ -230,19 +252,25 @@ def report_budget(run: Run, steps: int) -> None:
         print(f"budget {run.cfg.train.max_minutes:g} min: training for {steps} steps", flush=True)
 
 
-def after_step(run: Run, meter: Meter, decided: bool = False) -> None:
+def after_step(run: Run, meter: Meter, decided: bool = False) -> dict:
     """Log, evaluate and checkpoint when due; `decided`: a budget just fixed the steps, so both now
-    (the checkpoint keeps the decision; the evaluation gives Tune's report its metric)."""
+    (the checkpoint keeps the decision; the evaluation gives Tune's report its metric). Returns the
+    losses logged now ({} when this step logged none)."""
     cfg, session, trainee, tracker = run.cfg, run.session, run.trainee, run.tracker
     step, last = trainee.progress.step, trainee.progress.step == cfg.train.steps
-    if step % cfg.train.log_every == 0 or last:
-        lrs = {f"lr/{k}": o.param_groups[0]["lr"] for k, o in trainee.optimizers.items()}
-        tracker.log_metrics({**meter.flush(), **lrs, "progress/epoch": trainee.progress.epoch}, step)
+    log_now = step % cfg.train.log_every == 0 or last
     evaluate_now = (bool(cfg.eval.every) and step % cfg.eval.every == 0) or last or decided
     periodic = bool(cfg.checkpoint.every) and step % cfg.checkpoint.every == 0
     checkpoint_now = periodic or last or decided
+    if log_now or evaluate_now or checkpoint_now:  # the only host syncs of the loop's own
+        meter.read()  # raises on a non-finite loss: nothing with it is logged, evaluated or saved
+    logged = {}
+    if log_now:
+        logged = meter.flush()
+        lrs = {f"lr/{k}": o.param_groups[0]["lr"] for k, o in trainee.optimizers.items()}
+        tracker.log_metrics({**logged, **lrs, "progress/epoch": trainee.progress.epoch}, step)
     if not (evaluate_now or checkpoint_now):
-        return
+        return logged
     metrics = {"step": step}
     if evaluate_now and run.evaluator is not None:
         trainee.last_eval = evaluate(cfg, run.evaluator, trainee.nets, session.device, "eval/")
@@ -254,6 +282,7 @@ def after_step(run: Run, meter: Meter, decided: bool = False) -> None:
         metrics["progress/resumed_from_step"] = trainee.resumed_from
     directory = save_checkpoint(cfg, session, trainee, tracker) if checkpoint_now else None
     session.report(metrics, directory, step)
+    return logged
 
 
 def finish(run: Run, make_evaluator) -> dict:

@@ -55,7 +55,8 @@ class Progress:
         self.first = (self.now(), step)
 
     def update(self, step: int, total: int | None, losses: dict, images: int) -> None:
-        """After each step; `total` None while a budget has not fixed the steps yet."""
+        """After each step; `total` None while a budget has not fixed the steps yet; `losses`: the
+        window's mean losses when the loop logged at this step, else empty."""
         if self.first is None:
             self.start(step - 1)
         now = self.now()
@@ -63,9 +64,10 @@ class Progress:
             self.warm = (now, step)
         else:
             self.images += images
-        self.counts += 1
-        for k, v in main_losses(losses).items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
+        if losses:  # the loop passes them at its log points only (read there, no sync of its own)
+            self.counts += 1
+            for k, v in main_losses(losses).items():
+                self.sums[k] = self.sums.get(k, 0.0) + v
         every = TTY_EVERY_S if self.tty else PLAIN_EVERY_S
         due = self.shown_at is None or now - self.shown_at >= every or step == total
         if due:

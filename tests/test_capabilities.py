@@ -87,7 +87,7 @@ def train_step(cfg, nets, optimizers, batch, state):
     loss_g.backward()
     optimizers["G"].step()
     set_requires_grad([nets["D"]], True)
-    return {"loss/D/total": float(loss_d.detach()), "loss/G/total": float(loss_g.detach())}
+    return {"loss/D/total": loss_d.detach(), "loss/G/total": loss_g.detach()}
 
 
 @torch.no_grad()

@@ -51,7 +51,9 @@ def test_one_step_changes_every_net_and_param_group(name):
             assert any(names_by_id[id(p)] in changed for p in group["params"]), (
                 f"{name}: group of {opt_name} unchanged"
             )
-    assert losses and all(isinstance(v, float) and math.isfinite(v) for v in losses.values())
+    # the step contract: detached fp32 0-dim tensors, left where the nets are (no host sync)
+    assert losses and all(isinstance(v, torch.Tensor) and v.dim() == 0 and v.dtype == torch.float32
+                          and not v.requires_grad and math.isfinite(v) for v in losses.values())
     assert all(k.startswith("loss/") and k.count("/") >= 2 for k in losses)
 
 
