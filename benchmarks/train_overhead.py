@@ -75,7 +75,9 @@ def child_config(args, mode: str):
     args.threads = max(1, args.threads // n)  # per worker; loop_config makes it cpus_per_worker
     cfg = ts.loop_config(args, mode, "local")
     cfg.scaling.num_workers = n
-    cfg.tracking.run_name = f"bench-{mode}-{os.getppid()}"  # torchrun: one name for all ranks
+    # a fresh name per run (else a repeat resumes the last one's final checkpoint and trains nothing);
+    # torchrun's ranks share its run id
+    cfg.tracking.run_name = f"bench-{mode}-{os.environ.get('TORCHELASTIC_RUN_ID') or os.getpid()}"
     return cfg
 
 
