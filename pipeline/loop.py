@@ -319,7 +319,18 @@ def ray_train_worker(config: dict, make_tracker=open_tracker, make_evaluator=bui
     from pipeline.run_config import from_json
 
     cfg = from_json(config["run"])
+    match_threads(cfg)
     run_training(cfg, RaySession(cfg), make_tracker, make_evaluator)
+
+
+def match_threads(cfg) -> int:
+    """torch's intra-op threads = the worker's CPUs (at least 1). Ray derives OMP_NUM_THREADS from a
+    worker's CPUs only when the variable is unset; a local Ray inherits the driver's environment, so
+    a driver started with OMP_NUM_THREADS=1 left 2-CPU workers on one thread, and one with 8 made a
+    1-CPU worker fight its neighbours for the cores. On GPU workers torch keeps its own choice."""
+    if not cfg.scaling.use_gpu:
+        torch.set_num_threads(max(1, math.floor(cfg.scaling.cpus_per_worker)))
+    return torch.get_num_threads()
 
 
 def ray_trainer(cfg, make_tracker=open_tracker, make_evaluator=build_evaluator):

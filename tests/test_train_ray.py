@@ -138,3 +138,23 @@ def test_data_and_checkpoints_on_s3(tmp_path, s3_env, facades_small_dst, ray_clu
     assert result.metrics["progress/resumed_from_step"] == 14
     with pytest.raises(SystemExit, match="no complete checkpoint under s3://train-on-s3/runs/nothere"):
         previous_run(cfg, "nothere")
+
+
+def test_a_worker_runs_as_many_torch_threads_as_its_cpus(tmp_path, facades_small_dst, ray_cluster):
+    """A driver's OMP_NUM_THREADS reaches a local Ray's workers (here forced through the runtime env);
+    the loop must still use the CPUs the worker holds, not 1."""
+    cfg = tiny_run(tmp_path, facades_small_dst, "cyclegan", name="threads", steps=1, every=1, batch_size=1)
+    cfg = override(cfg, {"scaling.cpus_per_worker": 2})
+    seen = tmp_path / "threads.txt"
+
+    def threads_seen(cfg, rank):  # a local function: Ray pickles it by value (tests/ is no package)
+        from pipeline.session import NullTracker
+
+        seen.write_text(str(torch.get_num_threads()))
+        return NullTracker()
+
+    trainer = ray_trainer(cfg, make_tracker=threads_seen)
+    trainer.run_config.worker_runtime_env["env_vars"]["OMP_NUM_THREADS"] = "1"
+    result = trainer.fit()
+    assert result.error is None
+    assert seen.read_text() == "2"
