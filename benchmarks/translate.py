@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--ray", action="store_true",
                    help="per-core images/s on Ray against in-process at each of --ray-images; the crossover")
     p.add_argument("--ray-images", type=int, nargs="+", default=[16, 64, 256])
+    p.add_argument("--sides", nargs="+", default=["local", "ray", "auto"], choices=["local", "ray", "auto"],
+                   help="--ray: in-process (first: the reference), forced Ray, auto (Ray above crossover)")
     p.add_argument("--actors", type=int, default=2)
     p.add_argument("--core", action="store_true", help="time the plain-torch core only (GPU box)")
     p.add_argument("--device", default="cpu")
@@ -174,6 +176,8 @@ def ray_side(args, payload) -> None:
     the job in this process (one torch thread), at each of --ray-images, the two taking turns in
     every round; medians of --repeats rounds with their spread. Each Ray run starts its actor pool
     (processes, imports, generators: counted); Ray itself is started once, timed and reported apart.
+    "auto" is what a user gets without --ray/--no-ray: the first batch here, then Ray above the
+    crossover, this process translating while the actors start (per core: over the actors' CPUs).
     Then the crossover `runner.crossover` computes from the measured per-image time and fixed cost."""
     import ray
 
@@ -183,27 +187,30 @@ def ray_side(args, payload) -> None:
     ray_start = time.perf_counter() - started
     print(f"Ray: {args.actors} one-CPU actors, ray.init {ray_start:.1f} s (not in the figures); "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    batch, fixed, per_image = args.batch_size[0], [], []
+    batch, fixed, per_image, ran = args.batch_size[0], [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.ray_images:
             inputs = Path(tmp, f"in{n}")
             make_inputs(inputs, n, payload[0].size)
-            runs = {"local": [], "ray": []}
+            runs = {side: [] for side in args.sides}
             for _ in range(args.repeats):
                 for side in runs:
                     start = time.perf_counter()
                     record = our_job(payload, inputs, Path(tmp, "out"), batch, side, args.actors,
                                      args.io_workers)
                     seconds = time.perf_counter() - start
-                    runs[side].append(n / seconds / (args.actors if side == "ray" else 1))
+                    runs[side].append(n / seconds / (1 if side == "local" else args.actors))
+                    ran[side] = record["ran"]
                     if side == "ray":
                         fixed.append(seconds - n * per_image_of(runs) / args.actors)
             per_image.append(1 / statistics.median(runs["local"]))
-            local, on_ray = (statistics.median(runs[k]) for k in runs)
-            print(f"{n:5d} images: in-process {local:6.2f} img/s/core {spread(runs['local'])}  "
-                  f"Ray {on_ray:6.2f} img/s/core {spread(runs['ray'])}  ratio {on_ray / local:.2f} "
-                  f"(goal >= 0.9 from 256: {'met' if on_ray / local >= 0.9 else 'not met'})  "
-                  f"[{record['ran']}]")
+            local = statistics.median(runs["local"])
+            print(f"{n:5d} images: in-process {local:6.2f} img/s/core {spread(runs['local'])}")
+            for side in args.sides[1:]:
+                rate = statistics.median(runs[side])
+                print(f"             {side:5s} {rate:6.2f} img/s/core {spread(runs[side])}  "
+                      f"ratio {rate / local:.2f} "
+                      f"(goal >= 0.9 from 256: {'met' if rate / local >= 0.9 else 'not met'})  [{ran[side]}]")
     fixed_s, t = statistics.median(fixed), statistics.median(per_image)
     options = translate.RunOptions(mode="auto", actors=args.actors)
     torch.set_num_threads(1)

@@ -17,6 +17,7 @@ from pipeline.translate.job import RunOptions, Work
 from pipeline.translate.worker import BatchTranslator
 
 IN_FLIGHT = 2  # batches queued per actor: the next is there when one finishes
+CPU_PIECES = 4  # a CPU actor gets a quarter batch at a time: the last actor to finish waits less
 
 
 class _Actor:
@@ -48,6 +49,10 @@ class Pool:
         shared = ray.put(work)  # the weights cross to the object store once, not once per actor
         self.actors = [remote.remote(shared, int(options.cpus_per_actor)) for _ in range(options.actors)]
         self.probes = [a.ready.remote() for a in self.actors]
+        # a GPU wants whole batches; on CPUs a conv's cost is per image, so smaller pieces cost nothing
+        # and shorten the tail (one actor still busy, the others done) to a quarter batch
+        batch = work.job.batch_size
+        self.piece = batch if options.gpus_per_actor else -(-batch // CPU_PIECES)
 
     def any_ready(self) -> bool:
         """Whether an actor has built its generator."""
@@ -62,7 +67,7 @@ class Pool:
 
         pending = {}  # result ref -> actor
         free = [a for a in self.actors for _ in range(IN_FLIGHT)]
-        batches = iter(batches)
+        batches = (batch[i:i + self.piece] for batch in batches for i in range(0, len(batch), self.piece))
         while True:
             while free:
                 rows = next(batches, None)
