@@ -217,7 +217,8 @@ def ray_side(args, payload) -> None:
     up, cold = runner.crossover(t, options, True), runner.crossover(t, options, False)
     print(f"measured: {t:.3f} s per image in-process, Ray's actor start-up and tail {fixed_s:.1f} s "
           f"(runner.ACTOR_START_S = {runner.ACTOR_START_S}), ray.init {ray_start:.1f} s "
-          f"(runner.RAY_START_S = {runner.RAY_START_S}); crossover with the constants: {up:.0f} images "
+          f"(runner.RAY_START_S = {runner.RAY_START_S}); crossover with the constants "
+          f"(x{runner.load_factor():.1f} for the load): {up:.0f} images "
           f"(Ray up), {cold:.0f} (Ray to start); from the measured fixed cost: "
           f"{fixed_s / (t * (1 - 1 / args.actors)):.0f} (Ray up), "
           f"{(fixed_s + ray_start) / (t * (1 - 1 / args.actors)):.0f} (Ray to start); "

@@ -26,6 +26,7 @@ def test_auto_runs_a_few_images_in_process_and_says_why(tmp_path, capsys):
 def test_crossover_grows_with_the_fixed_cost_and_needs_more_than_one_core_of_actors(monkeypatch):
     monkeypatch.setattr(runner.os, "cpu_count", lambda: 4)
     monkeypatch.setattr(runner.torch, "get_num_threads", lambda: 1)
+    monkeypatch.setattr(runner.os, "getloadavg", lambda: (2.0, 0.0, 0.0))  # half the cores busy: unloaded
     two = RunOptions(mode="auto", actors=2)
     up, down = runner.crossover(0.1, two, ray_up=True), runner.crossover(0.1, two, ray_up=False)
     assert up == pytest.approx(runner.ACTOR_START_S / (0.1 * 0.5)) and down > up  # starting Ray costs too
@@ -34,6 +35,8 @@ def test_crossover_grows_with_the_fixed_cost_and_needs_more_than_one_core_of_act
     assert runner.crossover(0.1, RunOptions(mode="auto", actors=1), ray_up=True) == float("inf")
     said = runner.choose(10**6, 0.1, RunOptions(mode="auto", actors=1))
     assert not said[0] and "no faster with 1 actor on 4 cores" in said[1]
+    monkeypatch.setattr(runner.os, "getloadavg", lambda: (12.0, 0.0, 0.0))  # 3 tasks a core: 3x slower
+    assert runner.crossover(0.1, two, ray_up=True) == pytest.approx(3 * up)
 
 
 @pytest.mark.integration

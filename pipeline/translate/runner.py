@@ -125,14 +125,22 @@ def choose(outputs: int, per_image_s: float, options: RunOptions) -> tuple[bool,
 
 def crossover(per_image_s: float, options: RunOptions, ray_up: bool) -> float:
     """The number of images above which Ray finishes sooner: n·t > start + n·t/speedup, where t is the
-    per-image time here, start the fixed cost of Ray (its start, unless up, and the actors' start-up)
-    and speedup the actors' threads over this process's (this machine's cores at most)."""
-    threads = min(options.actors * max(1, int(options.cpus_per_actor)), os.cpu_count() or 1)
+    per-image time measured here, start the fixed cost of Ray (its start, unless up, and the actors'
+    start-up) and speedup the actors' threads over this process's (this machine's cores at most).
+    The fixed costs are unloaded figures; on a machine busy with other work they are scaled by the
+    load average per core, as the measured t already is (imports and convolutions both wait for a core)."""
+    cores = os.cpu_count() or 1
+    threads = min(options.actors * max(1, int(options.cpus_per_actor)), cores)
     speedup = threads / torch.get_num_threads() if not options.gpus_per_actor else options.actors
     if speedup <= 1:
         return math.inf
-    start = ACTOR_START_S + (0.0 if ray_up else RAY_START_S)
+    start = (ACTOR_START_S + (0.0 if ray_up else RAY_START_S)) * load_factor()
     return start / (max(per_image_s, 1e-9) * (1 - 1 / speedup))
+
+
+def load_factor() -> float:
+    """How much slower than unloaded a CPU-bound task runs here now: runnable tasks per core, >= 1."""
+    return max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
 
 
 def _outputs(work: Work, entries: list[dict]) -> int:
