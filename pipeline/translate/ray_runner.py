@@ -51,8 +51,7 @@ class Pool:
         self.probes = [a.ready.remote() for a in self.actors]
         # a GPU wants whole batches; on CPUs a conv's cost is per image, so smaller pieces cost nothing
         # and shorten the tail (one actor still busy, the others done) to a quarter batch
-        batch = work.job.batch_size
-        self.piece = batch if options.gpus_per_actor else -(-batch // CPU_PIECES)
+        self.piece = piece_size(work.job.batch_size, bool(options.gpus_per_actor))
 
     def any_ready(self) -> bool:
         """Whether an actor has built its generator."""
@@ -80,6 +79,11 @@ class Pool:
             done, _ = ray.wait(list(pending), num_returns=1)
             free.append(pending.pop(done[0]))
             yield ray.get(done[0])
+
+
+def piece_size(batch_size: int, gpu: bool) -> int:
+    """Rows handed out at a time: whole batches to a GPU, a quarter batch to a CPU."""
+    return batch_size if gpu else -(-batch_size // CPU_PIECES)
 
 
 def ray_is_up() -> bool:

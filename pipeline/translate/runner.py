@@ -84,7 +84,10 @@ def _feed(work: Work, source: Source, the_plan: Plan, options: RunOptions, said:
         said["ran"] = said["ran"] or "in-process: --no-ray"
         yield from (worker.process(r) for r in rows)
         return
-    # auto: the first batch here, timed; the rest here or on Ray, whichever the count says is faster
+    # auto: a first piece here, timed; the rest here or on Ray, whichever the count says is faster.
+    # Pieces (a quarter batch on a CPU) so that the choice, and the hand-over to actors that have
+    # started, wait for little work here
+    rows = pieces(rows, ray_runner.piece_size(work.job.batch_size, work.job.device != "cpu"))
     first = next(rows, [])
     start = time.perf_counter()
     entries = worker.process(first)
@@ -100,17 +103,25 @@ def _feed(work: Work, source: Source, the_plan: Plan, options: RunOptions, said:
 
 def _on_ray(work: Work, rows: Iterator[list[dict]], options: RunOptions, local) -> Iterator[list[dict]]:
     """The batches on the actor pool; while no actor is ready yet, `local` (a worker in this process,
-    or None) translates the next batch here, so the actors' start-up is not idle time."""
+    or None) translates the next piece here, so the actors' start-up is not idle time."""
     if not ray_runner.ray_is_up():
         (options.start_ray or ray_runner.start_ray)()
     pool = ray_runner.Pool(work, options)
+    rows = pieces(rows, pool.piece)
     if local is not None:
         while not pool.any_ready():
-            batch = next(rows, None)
-            if batch is None:
+            piece = next(rows, None)
+            if piece is None:
                 return
-            yield local.process(batch)
+            yield local.process(piece)
     yield from pool.batches(rows)
+
+
+def pieces(batches: Iterator[list], size: int) -> Iterator[list]:
+    """The same rows in lists of at most `size`."""
+    for batch in batches:
+        for start in range(0, len(batch), size):
+            yield batch[start:start + size]
 
 
 def choose(outputs: int, per_image_s: float, options: RunOptions) -> tuple[bool, str]:
