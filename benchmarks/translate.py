@@ -199,7 +199,8 @@ def ray_side(args, payload) -> None:
                     record = our_job(payload, inputs, Path(tmp, "out"), batch, side, args.actors,
                                      args.io_workers)
                     seconds = time.perf_counter() - start
-                    runs[side].append(n / seconds / (1 if side == "local" else args.actors))
+                    cores = args.actors if record["ran"].startswith("on Ray") else 1  # auto may stay here
+                    runs[side].append(n / seconds / cores)
                     ran[side] = record["ran"]
                     if side == "ray":
                         fixed.append(seconds - n * per_image_of(runs) / args.actors)
