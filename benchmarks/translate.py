@@ -1,7 +1,7 @@
 """Batch translation throughput: our job against a plain one-image-at-a-time loop, same generator.
 
     python -m benchmarks.translate                          # CPU: 64 px, default-width CycleGAN G
-    python -m benchmarks.translate --size 128 --images 64 --ray --actors 2
+    python -m benchmarks.translate --size 128 --ray --actors 2 --repeats 3    # issue 15: Ray per core
     python -m benchmarks.translate --model models:/cyclegan_facades-quick-ab/1 --size 32
     python -m benchmarks.translate --core --device cuda --size 256 --batch-size 64 128 256   # a GPU box
 
@@ -11,9 +11,11 @@ with --threads torch threads: default 1, so the figures are per core and survive
   JPEG, make a 1×C×H×W tensor, run G in eval mode under no_grad, save a PNG (pillow's default
   level);
 - our job, `pipeline.translate.run` without Ray: plan (list and hash the inputs), batches of
-  --batch-size, PNG outputs with lineage, manifest commits; with --ray also through Ray Data
-  (`map_batches` on --actors CPU actors, one torch thread each; Ray's start-up is not timed, the
-  actor pool's, once per run as in a scheduled job, is).
+  --batch-size, PNG outputs with lineage, manifest commits.
+--ray instead: the job on Ray (--actors one-CPU actors, one torch thread each, forced) against the
+job in this process at 16, 64 and 256 images (--ray-images), per core, medians of --repeats with
+their spread, the ratio against the 0.9 goal and the crossover (see `ray_side`). Ray's start-up is
+timed apart; the actor pool's, once per run as in a scheduled job, is in the figures.
 Inputs are the facades photos (left halves) resized to the model's size, so neither side resizes.
 
 --core measures the plain-torch core (pipeline/translate/core.py) where Ray does not fit (the GPU
@@ -24,6 +26,8 @@ The goal on one H100 is >= 1500 images/s at 256² for the default CycleGAN gener
 """
 
 import argparse
+import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +38,7 @@ from PIL import Image
 
 from models import MODELS
 from pipeline import launch, translate
+from pipeline.translate import runner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +54,11 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, default=32)
     p.add_argument("--batch-size", type=int, nargs="+", action="extend", default=None,
                    help="one or more batch sizes (repeatable; default 16)")
-    p.add_argument("--ray", action="store_true", help="also time the Ray Data path")
+    p.add_argument("--ray", action="store_true",
+                   help="per-core images/s on Ray against in-process at each of --ray-images; the crossover")
+    p.add_argument("--ray-images", type=int, nargs="+", default=[16, 64, 256])
+    p.add_argument("--sides", nargs="+", default=["local", "ray", "auto"], choices=["local", "ray", "auto"],
+                   help="--ray: in-process (first: the reference), forced Ray, auto (Ray above crossover)")
     p.add_argument("--actors", type=int, default=2)
     p.add_argument("--core", action="store_true", help="time the plain-torch core only (GPU box)")
     p.add_argument("--device", default="cpu")
@@ -128,17 +137,20 @@ def plain_loop(payload, paths: list[Path], out: Path) -> None:
             Image.fromarray(image).save(out / (path.stem + ".png"))
 
 
-def our_job(payload, inputs: Path, out: Path, batch_size: int, use_ray: bool, actors: int,
+def our_job(payload, inputs: Path, out: Path, batch_size: int, mode: str, actors: int,
             io_workers: int) -> dict:
     """One fresh run into a new folder under `out` (removing old outputs is not part of a run)."""
     out.mkdir(parents=True, exist_ok=True)
     job = translate.Job(*payload, tempfile.mkdtemp(dir=out), batch_size=batch_size, io_workers=io_workers)
-    options = translate.RunOptions(use_ray=use_ray, actors=actors, progress=False, commit_every_s=1.0)
+    options = translate.RunOptions(mode=mode, actors=actors, progress=False, commit_every_s=1.0)
     return translate.run(job, translate.Source(str(inputs)), options)
 
 
 def compare(args) -> None:
     payload = load_payload(args)
+    if args.ray:
+        torch.set_num_threads(args.threads)
+        return ray_side(args, payload)
     generator, info = payload
     size = generator.size
     torch.set_num_threads(args.threads)
@@ -149,7 +161,7 @@ def compare(args) -> None:
               f"{torch.get_num_threads()} torch threads, CPU")
         sides = {"plain": lambda: plain_loop(payload, paths, Path(tmp, "plain"))}
         for batch in args.batch_size:
-            sides[batch] = lambda b=batch: our_job(payload, inputs, Path(tmp, "ours"), b, False, 1,
+            sides[batch] = lambda b=batch: our_job(payload, inputs, Path(tmp, "ours"), b, "local", 1,
                                                    args.io_workers)
         rates = best_rates(sides, len(paths), args.repeats)
         plain = rates["plain"]
@@ -157,26 +169,71 @@ def compare(args) -> None:
         for batch in args.batch_size:
             print(f"our job, no Ray, batch {batch:<4}          {rates[batch]:8.1f} images/s  "
                   f"({rates[batch] / plain:.2f}x)")
-        if args.ray:
-            ray_side(args, payload, paths, inputs, Path(tmp))
 
 
-def ray_side(args, payload, paths: list[Path], inputs: Path, tmp: Path) -> None:
-    """Ray Data on --actors one-CPU actors, beside the plain loop again (Ray's processes share the
-    cores). Each run starts its actor pool, as a scheduled job does; Ray itself is up already."""
+def ray_side(args, payload) -> None:
+    """Per-core images/s of the job on Ray (--actors one-CPU actors, forced with mode "ray") against
+    the job in this process (one torch thread), at each of --ray-images, the two taking turns in
+    every round; medians of --repeats rounds with their spread. Each Ray run starts its actor pool
+    (processes, imports, generators: counted); Ray itself is started once, timed and reported apart.
+    "auto" is what a user gets without --ray/--no-ray: the first batch here, then Ray above the
+    crossover, this process translating while the actors start (per core: over the actors' CPUs).
+    Then the crossover `runner.crossover` computes from the measured per-image time and fixed cost."""
     import ray
-    from ray.data import DataContext
 
+    os.environ.setdefault("RAY_worker_niceness", "0")  # actors at the driver's priority, not below it
+    started = time.perf_counter()
     ray.init(num_cpus=args.actors, include_dashboard=False, log_to_driver=False)
-    DataContext.get_current().enable_progress_bars = False
-    batch = args.batch_size[0]
-    sides = {"plain": lambda: plain_loop(payload, paths, tmp / "plain"),
-             "ray": lambda: our_job(payload, inputs, tmp / "ours", batch, True, args.actors, args.io_workers)}
-    rates = best_rates(sides, len(paths), args.repeats)
-    print(f"plain loop, beside Ray:                {rates['plain']:8.1f} images/s")
-    print(f"our job, Ray, {args.actors} actors, batch {batch:<4}  {rates['ray']:8.1f} images/s  "
-          f"({rates['ray'] / rates['plain']:.2f}x)")
+    ray_start = time.perf_counter() - started
+    print(f"Ray: {args.actors} one-CPU actors, ray.init {ray_start:.1f} s (not in the figures); "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    batch, fixed, per_image, ran = args.batch_size[0], [], [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.ray_images:
+            inputs = Path(tmp, f"in{n}")
+            make_inputs(inputs, n, payload[0].size)
+            runs = {side: [] for side in args.sides}
+            for _ in range(args.repeats):
+                for side in runs:
+                    start = time.perf_counter()
+                    record = our_job(payload, inputs, Path(tmp, "out"), batch, side, args.actors,
+                                     args.io_workers)
+                    seconds = time.perf_counter() - start
+                    cores = args.actors if record["ran"].startswith("on Ray") else 1  # auto may stay here
+                    runs[side].append(n / seconds / cores)
+                    ran[side] = record["ran"]
+                    if side == "ray":
+                        fixed.append(seconds - n * per_image_of(runs) / args.actors)
+            per_image.append(1 / statistics.median(runs["local"]))
+            local = statistics.median(runs["local"])
+            print(f"{n:5d} images: in-process {local:6.2f} img/s/core {spread(runs['local'])}")
+            for side in args.sides[1:]:
+                rate = statistics.median(runs[side])
+                print(f"             {side:5s} {rate:6.2f} img/s/core {spread(runs[side])}  "
+                      f"ratio {rate / local:.2f} "
+                      f"(goal >= 0.9 from 256: {'met' if rate / local >= 0.9 else 'not met'})  [{ran[side]}]")
+    fixed_s, t = statistics.median(fixed), statistics.median(per_image)
+    options = translate.RunOptions(mode="auto", actors=args.actors)
+    torch.set_num_threads(1)
+    up, cold = runner.crossover(t, options, True), runner.crossover(t, options, False)
+    print(f"measured: {t:.3f} s per image in-process, Ray's actor start-up and tail {fixed_s:.1f} s "
+          f"(runner.ACTOR_START_S = {runner.ACTOR_START_S}), ray.init {ray_start:.1f} s "
+          f"(runner.RAY_START_S = {runner.RAY_START_S}); crossover with the constants "
+          f"(x{runner.load_factor():.1f} for the load): {up:.0f} images "
+          f"(Ray up), {cold:.0f} (Ray to start); from the measured fixed cost: "
+          f"{fixed_s / (t * (1 - 1 / args.actors)):.0f} (Ray up), "
+          f"{(fixed_s + ray_start) / (t * (1 - 1 / args.actors)):.0f} (Ray to start); "
+          f"load average {os.getloadavg()[0]:.1f}")
     ray.shutdown()
+
+
+def per_image_of(runs: dict) -> float:
+    """Seconds per image in this process (the latest round): what Ray's run costs beyond it per core."""
+    return 1 / runs["local"][-1]
+
+
+def spread(rates: list[float]) -> str:
+    return f"[{min(rates):.2f}-{max(rates):.2f}]"
 
 
 # ----------------------------------------------------------------------------- the core alone

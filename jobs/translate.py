@@ -23,6 +23,10 @@ another size are resized to the model's size and the outputs brought back (--no-
 the model's size). Unreadable images are listed and skipped (by content, or by path when they
 cannot be read at all) and not retried; the exit status is 1 only with --strict (any rejected
 input) or when nothing at all could be translated, 2 for a usage error or a corrupt checkpoint.
+Where it runs: without --ray or --no-ray (auto), the first batch is translated in this process and
+timed; the rest goes on Ray actors only when the count is above the crossover where Ray's start-up
+pays for itself (a Ray address, --address or $RAY_ADDRESS, means Ray); the summary and the run's
+`ran` say which and why. --ray and --no-ray force either.
 MLflow: --tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///<home>/mlflow.db as jobs/train.py.
 """
 
@@ -77,7 +81,11 @@ def parse_args(argv=None):
     p.add_argument("--io-workers", type=int, default=0,
                    help="threads reading, decoding, encoding and writing beside the net, per worker "
                         "(default: 4 on CPU, 8 on GPU; file writes wait on fsync)")
-    p.add_argument("--no-ray", action="store_true", help="translate in this process, without Ray")
+    ray = p.add_mutually_exclusive_group()
+    ray.add_argument("--ray", dest="mode", action="store_const", const="ray",
+                     help="translate on Ray actors whatever the count (default: auto, see below)")
+    ray.add_argument("--no-ray", dest="mode", action="store_const", const="local",
+                     help="translate in this process, without Ray")
     p.add_argument("--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--overwrite", action="store_true", help="redo every output")
     p.add_argument("--strict", action="store_true", help="exit 1 when any input is rejected")
@@ -138,12 +146,18 @@ def command(argv) -> str:
     return shlex.join(["python", "jobs/translate.py", *(sys.argv[1:] if argv is None else argv)])
 
 
-def where_it_runs(args) -> str:
-    """Where the job runs and why, said in its output (Ray costs start-up time a small job feels)."""
-    if args.no_ray:
-        return "in-process: --no-ray"
+def run_mode(args) -> tuple[str, str]:
+    """(mode, why): --ray / --no-ray as asked; without either, a Ray address (--address or
+    $RAY_ADDRESS) means Ray, else "auto" (the runner times the first batch here and goes on Ray only
+    above the crossover; it says which in the run's `ran`). `why` is "" where the runner says it."""
     actors = f"{args.actors} actor{'s' if args.actors > 1 else ''}"
-    return f"on Ray: {actors} (--actors; --no-ray runs in this process, faster for a few images)"
+    if args.mode == "local":
+        return "local", "in-process: --no-ray"
+    if args.mode == "ray":
+        return "ray", f"on Ray: {actors} (--ray)"
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        return "ray", f"on Ray: {actors} (auto: a Ray address was given; --no-ray runs in this process)"
+    return "auto", ""
 
 
 def report(record: dict, output: str) -> None:
@@ -181,22 +195,25 @@ def translate(args, argv) -> int:
     from pipeline.registry import ModelNotFound
     from pipeline.translate import OutputError, RunOptions, Source, load_model, run
 
-    use_ray = not args.no_ray
+    mode, ran = run_mode(args)
+    start_ray = lambda: init_ray(args.address, args.actors * args.cpus_per_actor)  # noqa: E731 (bars: -v)
     try:
         check_args(args)
         uri = launch.tracking_uri(args.tracking_uri)
         generator, info = load_model(args.model, uri, args.direction, args.size)
-        if use_ray:
-            init_ray(args.address, args.actors * args.cpus_per_actor + 1)  # Ray Data's bars: -v
-        device = pick_device(args, use_ray)
+        if mode == "ray":  # the device is the cluster's
+            start_ray()
+        device = pick_device(args, mode == "ray")
         job = build_job(args, generator, info, device)
         source = Source(_absolute(args.input) if args.input else None, tuple(args.split), args.s3_endpoint)
+        where = ", without Ray" if mode == "local" else ""
         print(f"model {info.name} version {info.version} ({generator.model_name}, "
-              f"{generator.direction}, {generator.size}px) on {device}{'' if use_ray else ', without Ray'}")
+              f"{generator.direction}, {generator.size}px) on {device}{where}")
         gpus = args.gpus_per_actor if device == "cuda" else 0.0
-        options = RunOptions(pairs=args.pairs, overwrite=args.overwrite, use_ray=use_ray, actors=args.actors,
+        options = RunOptions(pairs=args.pairs, overwrite=args.overwrite, mode=mode, actors=args.actors,
                              cpus_per_actor=args.cpus_per_actor, gpus_per_actor=gpus, progress=args.progress,
-                             command=command(argv), commit_every_s=args.commit_every, ran=where_it_runs(args))
+                             command=command(argv), commit_every_s=args.commit_every, ran=ran,
+                             start_ray=start_ray)
         record = run(job, source, options)
     except (ModelNotFound, FileNotFoundError, OutputError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)

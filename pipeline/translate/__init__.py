@@ -18,9 +18,9 @@ Three layers, so that the core also runs where Ray does not (a bare GPU box, the
   prepare_data.py, or a folder of images read as ingest would read them; local or s3://), hashes
   them and keeps only the (input, sample) pairs the output index does not list yet;
   `worker.BatchTranslator` reads, decodes, translates, encodes and writes one batch and returns a
-  lineage entry per output; `runner.run` feeds it in this process or through Ray Data
-  (`ray_runner`: `map_batches` over an actor pool, one generator per actor) and commits the
-  output index after each block;
+  lineage entry per output; `runner.run` feeds it in this process or to a pool of Ray actors
+  (`ray_runner`: one generator per actor), chosen by the count of images against Ray's start-up
+  unless forced (`RunOptions.mode`), and commits the output index after each block;
 - the output folder (`outputs.Outputs`): PNG or JPEG files named after their inputs (subfolders
   kept; BicycleGAN adds `_s<k>` per sample, CoGAN writes `pair-NNNNNN` with a|b side by side), or
   Parquet shards, and the output index `_manifest.json` (named apart from a dataset's manifest in

@@ -3,6 +3,7 @@ whose key decides which earlier outputs a rerun may keep."""
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from models import MODELS
@@ -12,6 +13,7 @@ from pipeline.translate.model import ModelInfo
 
 FORMATS = {"png": ".png", "jpeg": ".jpg", "parquet": ".parquet"}
 Z_MODES = ("random", "linear", "zero")
+MODES = ("local", "ray", "auto")
 
 
 @dataclass(frozen=True)
@@ -119,11 +121,16 @@ class RunOptions:
 
     pairs: int = 0  # CoGAN: pairs to generate
     overwrite: bool = False  # redo every output
-    use_ray: bool = False  # Ray Data over an actor pool, else this process
+    mode: str = "local"  # MODES: this process, Ray actors, or Ray above the crossover (runner.crossover)
     actors: int = 1
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     progress: bool = True
     command: str = ""  # recorded with the run
-    ran: str = ""  # where it runs and why ("on Ray: 2 actors", "in-process: --no-ray"), recorded
+    ran: str = ""  # where it runs and why ("on Ray: 2 actors (--ray)", "in-process: --no-ray"), recorded
     commit_every_s: float = 1.0
+    start_ray: Callable[[], object] | None = None  # starts or joins Ray once a run needs it (default: init)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")

@@ -1,31 +1,99 @@
-"""The Ray runner: the planned work through Ray Data, one generator per actor. The only module of
-the package that imports Ray, and only when it runs (a plain-torch box need not have it)."""
+"""The Ray runner: the planned batches over a pool of plain Ray actors, one generator each. The only
+module of the package that imports Ray, and only when it runs (a plain-torch box need not have it).
 
-import json
-from collections.abc import Iterator
+Plain actors rather than Ray Data's `map_batches` (issue 15): the profile of a 64-image run showed
+the actors' start-up dominated by imports (torch, then ray.data and pandas, which a Ray Data map
+worker imports and a plain actor does not), and the driver deep-copying, formatting and pickling the
+generator's weights for Ray Data's constructor arguments. Here the work (weights included) is put in
+the object store once, each actor gets a reference, and the driver keeps two batches in flight per
+actor, so an actor never waits for its next batch. The rows are what the local runner feeds
+(`runner.local_rows`): ids for a folder (the actor reads the files), rows with their bytes for a
+dataset (the driver reads the shards)."""
 
-from pipeline import storage
+import sys
+from collections.abc import Iterable, Iterator
+
 from pipeline.translate.job import RunOptions, Work
-from pipeline.translate.planning import Plan, Source
 from pipeline.translate.worker import BatchTranslator
 
+IN_FLIGHT = 2  # batches queued per actor: the next is there when one finishes
+CPU_PIECES = 4  # a CPU actor gets a quarter batch at a time: the last actor to finish waits less
 
-def ray_batches(work: Work, source: Source, the_plan: Plan, options: RunOptions) -> Iterator[list[dict]]:
-    """map_batches over an actor pool (one generator per actor); yields each block's entries."""
-    import ray.data
 
-    if the_plan.shards:  # data.ray_dataset reads a whole split; only the shards with work are read here
-        fs, _ = storage.arrow_filesystem(source.data_path, source.endpoint)
-        paths = [storage.arrow_filesystem(u, source.endpoint)[1] for u in the_plan.shards]
-        ds = ray.data.read_parquet(paths, filesystem=fs, columns=["id", "sha256", "image"],
-                                   partitioning=None, file_extensions=None)
-    else:
-        ids = sorted(work.tasks)
-        blocks = -(-len(ids) // work.job.batch_size)
-        ds = ray.data.from_items([{"id": i} for i in ids], override_num_blocks=blocks)
-    ds = ds.map_batches(BatchTranslator, fn_constructor_kwargs={"work": work}, batch_size=work.job.batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=options.actors),
-                        num_cpus=options.cpus_per_actor, num_gpus=options.gpus_per_actor or None,
-                        batch_format="numpy")
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        yield [json.loads(e) for e in batch["entry"]]
+class _Actor:
+    """One generator per actor, built once; torch uses the CPUs the actor reserved (Ray sets
+    OMP_NUM_THREADS to them; set here too, so a fractional reservation still gets one thread)."""
+
+    def __init__(self, work: Work, threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.worker = BatchTranslator(work)
+
+    def ready(self) -> int:
+        import torch
+
+        return torch.get_num_threads()
+
+    def process(self, rows: list[dict]) -> list[dict]:
+        return self.worker.process(rows)
+
+
+class Pool:
+    """The actors, started at once; they build their generators while the caller goes on."""
+
+    def __init__(self, work: Work, options: RunOptions):
+        import ray
+
+        remote = ray.remote(num_cpus=options.cpus_per_actor, num_gpus=options.gpus_per_actor or 0)(_Actor)
+        shared = ray.put(work)  # the weights cross to the object store once, not once per actor
+        self.actors = [remote.remote(shared, int(options.cpus_per_actor)) for _ in range(options.actors)]
+        self.probes = [a.ready.remote() for a in self.actors]
+        # a GPU wants whole batches; on CPUs a conv's cost is per image, so smaller pieces cost nothing
+        # and shorten the tail (one actor still busy, the others done) to a quarter batch
+        self.piece = piece_size(work.job.batch_size, bool(options.gpus_per_actor))
+
+    def any_ready(self) -> bool:
+        """Whether an actor has built its generator."""
+        import ray
+
+        return bool(ray.wait(self.probes, num_returns=1, timeout=0)[0])
+
+    def batches(self, batches: Iterable[list[dict]]) -> Iterator[list[dict]]:
+        """Each batch of rows through the pool (IN_FLIGHT per actor, the next to the first one
+        free); yields each batch's entries as it completes (in completion order)."""
+        import ray
+
+        pending = {}  # result ref -> actor
+        free = [a for a in self.actors for _ in range(IN_FLIGHT)]
+        batches = (batch[i:i + self.piece] for batch in batches for i in range(0, len(batch), self.piece))
+        while True:
+            while free:
+                rows = next(batches, None)
+                if rows is None:
+                    break
+                actor = free.pop(0)
+                pending[actor.process.remote(rows)] = actor
+            if not pending:
+                return
+            done, _ = ray.wait(list(pending), num_returns=1)
+            free.append(pending.pop(done[0]))
+            yield ray.get(done[0])
+
+
+def piece_size(batch_size: int, gpu: bool) -> int:
+    """Rows handed out at a time: whole batches to a GPU, a quarter batch to a CPU."""
+    return batch_size if gpu else -(-batch_size // CPU_PIECES)
+
+
+def ray_is_up() -> bool:
+    """Whether this process is connected to Ray already (without importing Ray when it is not)."""
+    ray = sys.modules.get("ray")
+    return bool(ray and ray.is_initialized())
+
+
+def start_ray() -> None:
+    """A local Ray with this machine's CPUs (jobs/translate.py passes its own: --address, bars)."""
+    import ray
+
+    ray.init(include_dashboard=False, log_to_driver=False)

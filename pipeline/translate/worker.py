@@ -2,7 +2,6 @@
 written, with a lineage entry per output (or a rejection per unusable input)."""
 
 import io
-import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -19,7 +18,7 @@ from pipeline.translate.planning import special_file
 
 class BatchTranslator:
     """Rows of one batch -> written outputs and one lineage entry each (or a rejection per
-    unreadable input). The Ray Data actor class (the generator is built once per actor) and the
+    unreadable input). What each Ray actor holds (the generator is built once per actor) and the
     local loop's worker alike."""
 
     def __init__(self, work: Work):
@@ -28,11 +27,6 @@ class BatchTranslator:
         self.translator = Translator(job.generator, job.device, job.settings.bn_mode, job.bf16,
                                      job.settings.dropout)
         self.pool = ThreadPoolExecutor(job.io_workers) if job.io_workers > 1 else None
-
-    def __call__(self, batch: dict) -> dict:
-        """Ray Data's numpy batch in; one JSON entry per output (or rejection) out."""
-        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
-        return {"entry": np.array([json.dumps(e) for e in self.process(rows)], dtype=object)}
 
     def process(self, rows: list[dict]) -> list[dict]:
         todo = [(self.work.tasks[str(r["id"])], r) for r in rows if str(r["id"]) in self.work.tasks]
