@@ -332,7 +332,8 @@ def test_foreign_output_folder_is_refused(tmp_path, capsys):
 def test_registered_model_translates_a_folder_twice_on_ray(tracking_env, photos, ray_cluster, tmp_path,
                                                            capsys):
     out = tmp_path / "out"
-    args = ["--model", f"{NAME}/1", "--input", photos, "--output", out, "--ray", "--actors", 2, "--batch-size", 4]
+    args = ["--model", f"{NAME}/1", "--input", photos, "--output", out, "--ray", "--actors", 2,
+            "--batch-size", 4]
     assert run_cli(*args) == 0
     manifest = translate.load_output_index(str(out))
     entries = manifest["entries"]
