@@ -42,7 +42,7 @@ class Progress:
     the steps), images/s since `start`, the main losses averaged since the last line, ETA."""
 
     def __init__(self, budget_s: float = 0.0, origin: float | None = None, stream=None, clock_fn=time.time):
-        self.stream = stream or sys.stdout
+        self.stream = stream or sys.stderr  # as tqdm: stdout stays for results a script may parse
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.budget_s, self.now = budget_s, clock_fn
         self.origin = origin or clock_fn()  # where a budget counts from (the command's start)

@@ -108,8 +108,10 @@ def test_plain_train_prints_progress_the_metrics_table_registered_names_and_next
     sets = [f"data.path={facades_small_dst}", "train.steps=2", "eval.every=2", "checkpoint.every=2",
             "eval.max_images=4", "eval.grid_rows=1", "tracking.run_name=t", "model.ngf=4", "model.ndf=4"]
     assert train_job.main(["--recipe", "cyclegan_facades-quick", "--no-ray", "--set", *sets]) == 0
-    out = capsys.readouterr().out
-    assert "step 1/2  " in out and "step 2/2  " in out and " img/s  G " in out and "ETA 0:00" in out
+    printed = capsys.readouterr()
+    out, err = printed.out, printed.err
+    assert "step 1/2  " in err and "step 2/2  " in err and " img/s  G " in err and "ETA 0:00" in err
+    assert "step 1/2  " not in out  # stdout keeps results only
     table = out[out.index("test metric"):]
     assert "test/pixel_acc_ab" in table and "test/psnr_ba" in table  # beside floors: a number each
     assert table.splitlines()[2].split()[2] != "-"

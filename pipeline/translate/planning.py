@@ -97,11 +97,14 @@ def sample_sizes(source: Source) -> list[tuple[int, int]]:
     files = [f for f in visible_files(source.data_path, source.endpoint) if images.is_image_name(f)]
     sizes = []
     for name in sorted(files)[:PAIR_SAMPLE]:
+        uri = storage.join(source.data_path, name)
+        if special_file(uri):  # a fifo named like an image would block this read for ever
+            continue
         try:
-            blob = storage.read_bytes(storage.join(source.data_path, name), source.endpoint)
+            blob = storage.read_bytes(uri, source.endpoint)
             with Image.open(io.BytesIO(blob)) as img:
                 sizes.append(img.size)
-        except (OSError, SyntaxError, ValueError):  # unreadable: BatchTranslator rejects it later
+        except Exception:  # noqa: BLE001 - only a probe: the worker rejects an unreadable input with its reason
             continue
     return sizes
 
