@@ -12,21 +12,28 @@ from pipeline import translate
 from pipeline.translate import RunOptions, runner
 
 
-def test_auto_runs_a_few_images_in_process_and_says_why(tmp_path, capsys):
+def test_auto_runs_a_few_images_in_process_and_says_why(tmp_path, capsys, monkeypatch):
+    from jobs import translate as translate_job
+
+    def no_ray(*args):
+        raise AssertionError("auto started Ray for 3 images")
+
+    monkeypatch.setattr(translate_job, "init_ray", no_ray)
+    monkeypatch.setattr(runner.torch, "get_num_threads", lambda: 1)  # 2 actors would have more cores
     model = model_dir(tmp_path / "model", tiny_payload("cyclegan"))
     inputs = photo_folder(tmp_path / "in", n=3)
     assert run_cli("--model", model, "--size", 32, "--input", inputs, "--output", tmp_path / "out",
                    "--actors", 2) == 0
     ran = translate.load_output_index(str(tmp_path / "out"))["runs"][-1]["ran"]
     assert ran.startswith("in-process: auto, 3 images below the crossover of ")
-    assert f"ran {ran};" in capsys.readouterr().out
-    assert not runner.ray_runner.ray_is_up()  # Ray was never started
+    assert f"ran {ran};" in capsys.readouterr().out  # and Ray was never started (no_ray)
 
 
 def test_crossover_grows_with_the_fixed_cost_and_needs_more_than_one_core_of_actors(monkeypatch):
     monkeypatch.setattr(runner.os, "cpu_count", lambda: 4)
     monkeypatch.setattr(runner.torch, "get_num_threads", lambda: 1)
     monkeypatch.setattr(runner.os, "getloadavg", lambda: (2.0, 0.0, 0.0))  # half the cores busy: unloaded
+    monkeypatch.setattr(runner.ray_runner, "ray_is_up", lambda: False)  # another test's Ray may be up
     two = RunOptions(mode="auto", actors=2)
     up, down = runner.crossover(0.1, two, ray_up=True), runner.crossover(0.1, two, ray_up=False)
     assert up == pytest.approx(runner.ACTOR_START_S / (0.1 * 0.5)) and down > up  # starting Ray costs too
