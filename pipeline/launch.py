@@ -6,6 +6,7 @@ jobs/translate.py only `init_ray`. Errors a user can fix (no dataset, nothing to
 command with SystemExit and a message that says what to run.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -264,9 +265,27 @@ def init_ray(address: str | None, cpus: float, progress: bool | None = None):
     if address:
         ray.init(address=address, log_to_driver=True, logging_level=ray_log_level())
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)), include_dashboard=False,
-                 logging_level=ray_log_level())
+        with worker_niceness():
+            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)), include_dashboard=False,
+                     logging_level=ray_log_level())
     return ray
+
+
+@contextlib.contextmanager
+def worker_niceness():
+    """A local Ray started by a job runs its workers at niceness 0 unless $RAY_worker_niceness says
+    otherwise. Ray's default, 15, is meant for cluster nodes, where it keeps the raylet responsive
+    under load; on a laptop or a shared box it hands the training worker the last share of the cores
+    whenever anything else in the job's session runs (benchmarks/train_overhead.py, README "Ray Train").
+    The raylet reads the variable when it starts, so it is set only around ray.init."""
+    if "RAY_worker_niceness" in os.environ:
+        yield
+        return
+    os.environ["RAY_worker_niceness"] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_worker_niceness", None)
 
 
 def training_cpus(cfg: RunConfig) -> float:

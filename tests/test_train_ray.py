@@ -4,6 +4,8 @@ killed with SIGKILL mid-run is replaced and the run resumes from its last checkp
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -158,3 +160,22 @@ def test_a_worker_runs_as_many_torch_threads_as_its_cpus(tmp_path, facades_small
     result = trainer.fit()
     assert result.error is None
     assert seen.read_text() == "2"
+
+
+NICENESS_PROBE = """
+import os
+from pipeline import launch
+ray = launch.init_ray(None, 1)
+print(ray.get(ray.remote(lambda: os.nice(0)).options(num_cpus=0).remote()))
+print(os.environ.get("RAY_worker_niceness"))
+"""
+
+
+def test_a_local_ray_started_by_a_job_runs_its_workers_at_niceness_0():
+    """Ray's default worker niceness (15) leaves a training worker the last share of a busy machine;
+    a job's own local Ray starts them at 0, and the driver's environment is left as it was."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_worker_niceness")}
+    out = subprocess.run([sys.executable, "-c", NICENESS_PROBE], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["0", "None"]

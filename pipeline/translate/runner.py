@@ -19,10 +19,13 @@ from pipeline.translate.outputs import Outputs, now, unreadable_key
 from pipeline.translate.planning import Plan, Source, plan, resolve
 from pipeline.translate.worker import BatchTranslator
 
-# Fixed costs of the Ray path, measured with benchmarks/translate.py (the default CycleGAN G, 2-core
-# machine, unloaded figures; a loaded machine makes them longer, and the per-image cost with them):
-RAY_START_S = 6.0  # ray.init of a local Ray (raylet, GCS, first workers)
-ACTOR_START_S = 5.0  # an actor's process: importing torch and the package, building the generator
+# Fixed costs of the Ray path, measured with benchmarks/translate.py (the default CycleGAN G at 128 px,
+# 2-core machine; load_factor() scales them on a loaded one, and the per-image cost with them):
+RAY_START_S = 9.0  # ray.init of a local Ray (raylet, GCS, first workers): 9.2 s unloaded
+# an actor's process (importing torch and the package, building the generator) and the uneven tail:
+# 1.4 s unloaded, about 10 s with the load average at 6; 5 s leans towards in-process near the
+# crossover, where the two differ little per core (1.03 forced Ray, 0.97 auto at 256 images)
+ACTOR_START_S = 5.0
 
 
 def run(job: Job, source: Source, options: RunOptions | None = None) -> dict:
