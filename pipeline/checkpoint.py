@@ -278,12 +278,22 @@ def latest_local(root: str) -> str | None:
     """The newest complete checkpoint under `root` that verifies, None when there is none; a
     corrupt newer one is skipped with a warning naming its bad file, and when every one is
     corrupt, the newest one's error is raised."""
+
+    def verified(name: str) -> str:
+        verify(os.path.join(root, name))
+        return os.path.join(root, name)
+
+    return first_intact(complete(storage.list_files(root)) if os.path.isdir(root) else [], verified)
+
+
+def first_intact(candidates, attempt):
+    """attempt(candidate) for the first candidate that is not corrupt (newest first); each corrupt
+    one is skipped with a warning naming its bad file. None when there are no candidates; when all
+    are corrupt, the first one's error is raised (starting over would redo finished work)."""
     first_error = None
-    for name in complete(storage.list_files(root)) if os.path.isdir(root) else []:
-        directory = os.path.join(root, name)
+    for candidate in candidates:
         try:
-            verify(directory)
-            return directory
+            return attempt(candidate)
         except CorruptCheckpoint as e:
             warn_skipped(e)
             first_error = first_error or e
@@ -331,20 +341,16 @@ def restore_newest(root: str, load, endpoint: str | None = None, recorded=None):
     candidates = [(name, None) for name in names]
     if recorded is not None and recorded_name not in names:
         candidates = sorted(candidates + [(recorded_name, recorded)], key=lambda c: c[0], reverse=True)
-    first_error = None
-    for name, reported in candidates:
-        try:
-            if reported is not None:
-                with reported.as_directory() as directory:
-                    return load(directory)
-            with local_copy(storage.join(root, name), endpoint) as directory:
+
+    def loaded(candidate):
+        name, reported = candidate
+        if reported is not None:
+            with reported.as_directory() as directory:
                 return load(directory)
-        except CorruptCheckpoint as e:
-            warn_skipped(e)
-            first_error = first_error or e
-    if first_error is not None:
-        raise first_error
-    return None
+        with local_copy(storage.join(root, name), endpoint) as directory:
+            return load(directory)
+
+    return first_intact(candidates, loaded)
 
 
 def prune_local(root: str, keep: int) -> None:

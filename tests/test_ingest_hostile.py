@@ -237,3 +237,21 @@ def test_each_outcome_has_its_own_exit_code_listed_in_help(tmp_path):
     assert unwritable.returncode == 3 and "Traceback" not in unwritable.stderr
     (src / "train" / "empty.png").write_bytes(b"")
     assert run_cli(src, tmp_path / "dst", "--strict").returncode == 4
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p.write_bytes(b"PK-but-not-a-zip" + SECRET), "not a readable .npz archive"),
+        (lambda p: np.savez(p, x_train=np.array([object()] * 2)), "unreadable array"),
+    ],
+    ids=["not-a-zip", "object-array"],
+)
+def test_a_damaged_digits_archive_is_one_line_naming_it(tmp_path, make, reason):
+    """A digits domain is one .npz: a file numpy cannot read is a usage error naming it (exit 2),
+    not a traceback, and the message never quotes its bytes."""
+    make(tmp_path / "digits.npz")
+    out = run_cli(tmp_path / "digits.npz", tmp_path / "dst")
+    assert out.returncode == 2, out.stderr[-1500:]
+    assert "digits.npz" in out.stderr and reason in out.stderr and "Traceback" not in out.stderr
+    assert SECRET.decode() not in out.stderr + out.stdout

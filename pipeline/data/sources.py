@@ -5,6 +5,7 @@ import io
 import os
 import re
 import stat
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -233,14 +234,37 @@ def _digit_items(root: str, files: list[str], endpoint: str | None):
         raise IngestError(f"digits layout needs one or two .npz files (domains a, b), found {arrays}")
     items = []
     for domain, name in zip("ab", arrays, strict=False):
-        with np.load(io.BytesIO(storage.read_bytes(storage.join(root, name), endpoint))) as npz:
+        with _open_npz(root, name, endpoint) as npz:
             for key in sorted(npz.files):
                 if key == "x" or key.startswith("x_"):
                     split = key[2:] or "train"
-                    labels = npz.get("y" + key[1:])
-                    items += _array_items(root, name, key, split, domain, npz[key], labels)
+                    labels = _array(npz, name, "y" + key[1:]) if "y" + key[1:] in npz.files else None
+                    items += _array_items(root, name, key, split, domain, _array(npz, name, key), labels)
     ignored = [f for f in files if f not in arrays]
     return items, ignored
+
+
+# what numpy raises on a file that is no .npz archive, a damaged member, or an object (pickle) array
+NPZ_ERRORS = (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError)
+
+
+def _open_npz(root: str, name: str, endpoint: str | None):
+    """The archive `name`, or an IngestError naming it (a domain is one file: there is nothing else
+    of it to ingest). The reason is numpy's kind of error, never the file's bytes."""
+    blob = storage.read_bytes(storage.join(root, name), endpoint)
+    try:
+        return np.load(io.BytesIO(blob))
+    except NPZ_ERRORS as e:
+        raise IngestError(f"{name}: not a readable .npz archive ({type(e).__name__}); "
+                          "save the arrays with numpy.savez as x_<split> / y_<split>") from None  # fmt: skip
+
+
+def _array(npz, name: str, key: str) -> np.ndarray:
+    try:
+        return npz[key]
+    except NPZ_ERRORS as e:
+        raise IngestError(f"{name}[{key!r}]: unreadable array ({type(e).__name__}); "
+                          "save plain numeric arrays with numpy.savez (no object arrays)") from None  # fmt: skip
 
 
 def _array_items(root, name, key, split, domain, pixels: np.ndarray, labels) -> list[Item]:
