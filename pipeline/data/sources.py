@@ -264,7 +264,7 @@ def _array(npz, name: str, key: str) -> np.ndarray:
         return npz[key]
     except NPZ_ERRORS as e:
         raise IngestError(f"{name}[{key!r}]: unreadable array ({type(e).__name__}); "
-                          "save plain numeric arrays with numpy.savez (no object arrays)") from None  # fmt: skip
+                          "save numeric arrays with numpy.savez (no object arrays)") from None  # fmt: skip
 
 
 def _array_items(root, name, key, split, domain, pixels: np.ndarray, labels) -> list[Item]:
