@@ -5,10 +5,11 @@ from dataclasses import dataclass
 from pipeline.data.augment import Augment
 
 # data.reader=auto reads a training split in-process (LocalReader) below this many stored bytes and
-# with Ray Data above. Measured on 2 cores (benchmarks/readers.py, issue 15): Ray Data gives 0.2-0.5x
-# of LocalReader's pairs per core on facades (20 MB) and mnist2mnistm (3 MB), with no crossover in
-# that range: its cost per sample (tasks, object store, the consumer's scheduling) is not only a
-# fixed cost per epoch. LocalReader holds the encoded split in each process's memory, so above
+# with Ray Data above. Measured on 2 idle cores (benchmarks/readers.py, issue 15): Ray Data gives
+# 0.24/0.37x of LocalReader's pairs per core and 0.38/0.65x per CPU-second on facades (20 MB) and
+# mnist2mnistm (3 MB), with no crossover in that range: its decode tasks cost what LocalReader does
+# per pair, but Ray Data's executor and iterator threads take about a quarter core in the consumer
+# and Ray's own processes about a tenth, for as long as the epoch lasts. LocalReader holds the encoded split in each process's memory, so above
 # this size Ray Data (one copy in the object store per node, spilled to disk when it is full).
 AUTO_LOCAL_BYTES = 1 << 30
 
