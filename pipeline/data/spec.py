@@ -9,8 +9,9 @@ from pipeline.data.augment import Augment
 # 0.24/0.37x of LocalReader's pairs per core and 0.38/0.65x per CPU-second on facades (20 MB) and
 # mnist2mnistm (3 MB), with no crossover in that range: its decode tasks cost what LocalReader does
 # per pair, but Ray Data's executor and iterator threads take about a quarter core in the consumer
-# and Ray's own processes about a tenth, for as long as the epoch lasts. LocalReader holds the encoded split in each process's memory, so above
-# this size Ray Data (one copy in the object store per node, spilled to disk when it is full).
+# and Ray's own processes about a tenth, for as long as the epoch lasts. LocalReader holds the
+# encoded split in each process's memory, so above this size Ray Data (one copy in the object store
+# per node, spilled to disk when it is full).
 AUTO_LOCAL_BYTES = 1 << 30
 
 

@@ -21,10 +21,10 @@ from pipeline.translate.worker import BatchTranslator
 
 # Fixed costs of the Ray path, measured with benchmarks/translate.py (the default CycleGAN G at 128 px,
 # 2-core machine; load_factor() scales them on a loaded one, and the per-image cost with them):
-RAY_START_S = 9.0  # ray.init of a local Ray (raylet, GCS, first workers): 9.2 s unloaded
+RAY_START_S = 6.0  # ray.init of a local Ray (raylet, GCS, first workers): 4.3 s idle, 9.2 s at load 2.8
 # an actor's process (importing torch and the package, building the generator) and the uneven tail:
-# 1.4 s unloaded, about 10 s with the load average at 6; 5 s leans towards in-process near the
-# crossover, where the two differ little per core (1.03 forced Ray, 0.97 auto at 256 images)
+# 0.5-1.4 s idle, about 10 s at load 6; 5 s leans towards in-process near the crossover, where the
+# two differ little per core (at 256 images: forced Ray 1.03-1.10, auto 0.97-1.13 of in-process)
 ACTOR_START_S = 5.0
 
 
