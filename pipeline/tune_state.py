@@ -6,14 +6,15 @@ pickles too: `experiment_state-*.json` embeds cloudpickled fields, `basic-varian
 search's storage folder (a shared S3 prefix or file system) could leave a pickle there that runs
 code on the machine that resumes, with that user's rights.
 
-Mechanism. Every file at the top of the search's folder that Ray may deserialise (`*.pkl`,
-`*.json`; Ray copies exactly these down on restore) is signed with HMAC-SHA256 under a key that
-stays on the machine that drives the search: `--state-key` or $TRANSMUTE_TUNE_KEY, default
-`<home>/keys/tune-state.key`, created with mode 0600 on first use; a key that group or others can
-read, or another user owns, is refused. The MAC covers the search name and the file name, so a
-signed file cannot be replayed under another search or another role. The MACs go to
-`<storage>/<name>/state-signatures`, a list per file of the MACs of its last few versions; the
-list needs no signature of its own, since nobody without the key can compute a valid entry.
+Mechanism. Every file at the top of the search's folder that Ray may deserialise (`*.pkl`, `*.json`;
+Ray copies exactly these down on restore), and each trial folder's `error.pkl`, is signed with
+HMAC-SHA256 under a key that stays on the machine that drives the search: `--state-key` or
+$TRANSMUTE_TUNE_KEY, default `<home>/keys/tune-state.key`, created with mode 0600 on first use; a
+key that group or others can read, or another user owns, is refused. The MAC covers the search name
+and the file name, so a signed file cannot be replayed under another search or another role. The
+MACs go to `<storage>/<name>/state-signatures`, a list per file of the MACs of its last few
+versions; the list needs no signature of its own, since nobody without the key can compute a valid
+entry.
 
 When. `tuner.pkl` right after Ray writes it (when the Tuner is made). The experiment state every
 time Ray saves it: Ray calls each callback's `get_state()` inside its `save_to_dir()`, after the
@@ -33,8 +34,9 @@ save of a search happens before the signer sees a trial (Ray tells callbacks whe
 folder is only through trials); it is signed at the end of that same step, so a search killed in
 those milliseconds cannot be resumed (start it again). (4) Rollback: an older signed version of a
 file (of this search) is accepted. (5) Not covered here: trial checkpoints (our own files, read
-with `weights_only` / safetensors by pipeline.checkpoint), trial results (JSON/CSV data), and the
-`error.pkl` Ray writes for a failed trial and reads back into its results in the same run.
+with `weights_only` / safetensors by pipeline.checkpoint) and trial results (JSON/CSV data). A
+failed trial's `error.pkl` is covered: Ray writes it into the trial's staging folder before the
+state save that uploads it, where the signer sees it.
 (6) Whoever can read the key can sign: keep it off the shared storage. Deleting the list or the
 key denies a resume; it runs nothing.
 """
@@ -54,6 +56,9 @@ KEY_ENV = "TRANSMUTE_TUNE_KEY"
 SIGNATURES = "state-signatures"  # neither .json nor .pkl: Ray never copies or reads it
 OWN_FILES = ("best_config.json",)  # data the project writes beside Ray's state; Ray never loads it
 KEEP = 8  # versions listed per file: the one uploading and the ones before it
+# the pickled exception Ray writes into a failed trial's folder; a resumed search's results
+# (ResultGrid) unpickle it, so it is signed like the state
+TRIAL_ERROR = "error.pkl"
 
 
 class StateRefused(ConfigError):
@@ -99,13 +104,28 @@ def mac(key: bytes, search: str, file_name: str, data: bytes) -> str:
 
 
 def signed_names(names) -> list[str]:
-    """The files of a search folder's top level that Ray may deserialise."""
-    return sorted(n for n in names if n.endswith((".pkl", ".json")) and n not in OWN_FILES)
+    """The files of a search folder that Ray may deserialise: `*.pkl` and `*.json` at its top, and
+    each trial folder's `error.pkl` (named `<trial folder>/error.pkl`)."""
+    top = [n for n in names if "/" not in n and n.endswith((".pkl", ".json")) and n not in OWN_FILES]
+    return sorted(top + [n for n in names if n.count("/") == 1 and n.endswith(f"/{TRIAL_ERROR}")])
 
 
-def _top_files(fs: pafs.FileSystem, path: str) -> list[str]:
+def _search_files(fs: pafs.FileSystem, path: str) -> list[str]:
+    """The files at the top of a search folder and one level below it (the trial folders), relative."""
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    return [i.base_name for i in infos if i.type == pafs.FileType.File]
+    files = [i.base_name for i in infos if i.type == pafs.FileType.File]
+    trials = [i.base_name for i in infos if i.type == pafs.FileType.Directory]
+    errors = fs.get_file_info([f"{path}/{t}/{TRIAL_ERROR}" for t in trials])
+    failed = [t for t, e in zip(trials, errors, strict=True) if e.type == pafs.FileType.File]
+    return files + [f"{t}/{TRIAL_ERROR}" for t in failed]
+
+
+def _staged_files(staged: str) -> list[str]:
+    if not os.path.isdir(staged):
+        return []
+    names = [n for n in os.listdir(staged) if os.path.isfile(os.path.join(staged, n))]
+    trials = [n for n in os.listdir(staged) if os.path.isfile(os.path.join(staged, n, TRIAL_ERROR))]
+    return names + [f"{t}/{TRIAL_ERROR}" for t in trials]
 
 
 def _read(fs: pafs.FileSystem, path: str) -> bytes | None:
@@ -159,7 +179,7 @@ def sign_stored(key: bytes, search: str, fs: pafs.FileSystem, folder: str, names
 def verify(key: bytes, search: str, fs: pafs.FileSystem, folder: str) -> list[str]:
     """Checks every file Ray may deserialise from `folder` against the list; raises StateRefused
     naming the first that fails, before anything reads it as a pickle. Returns the names checked."""
-    names = signed_names(_top_files(fs, folder))
+    names = signed_names(_search_files(fs, folder))
     if "tuner.pkl" not in names:
         raise StateRefused(f"no search state at {folder} (tuner.pkl missing): nothing to resume")
     files = read_signatures(fs, folder)
@@ -215,7 +235,7 @@ class StateSigner(Callback):
 
     def sign_staged(self) -> None:
         staged = self._storage.experiment_driver_staging_path
-        names = signed_names(os.listdir(staged)) if os.path.isdir(staged) else []
+        names = signed_names(_staged_files(staged))
         contents = {}
         for name in names:
             with open(os.path.join(staged, name), "rb") as f:

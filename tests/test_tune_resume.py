@@ -109,6 +109,12 @@ def test_signatures_on_s3(s3_env, tmp_path):
     key = tune_state.load_key(str(tmp_path / "k"), create=True)
     tune_state.sign_stored(key, "s", fs, folder, ["tuner.pkl"])
     assert tune_state.verify(key, "s", fs, folder) == ["tuner.pkl"]
+    storage.write_bytes(f"{base}/trial_1/error.pkl", b"crafted")  # a failed trial's pickled error
+    storage.write_bytes(f"{base}/trial_2/result.json", b"{}")  # data, never unpickled: not checked
+    with pytest.raises(tune_state.StateRefused, match="trial_1/error.pkl is not signed"):
+        tune_state.verify(key, "s", fs, folder)
+    tune_state.sign(key, "s", fs, folder, {"trial_1/error.pkl": b"crafted"})
+    assert tune_state.verify(key, "s", fs, folder) == ["trial_1/error.pkl", "tuner.pkl"]
     storage.write_bytes(f"{base}/experiment_state-x.json", b"{}")
     with pytest.raises(tune_state.StateRefused, match="experiment_state-x.json is not signed"):
         tune_state.verify(key, "s", fs, folder)
@@ -149,3 +155,34 @@ def test_a_search_killed_hard_resumes_from_its_signed_state(facades_small_dst, t
     # last steps from its last recorded checkpoint (no step check here, unlike the Ctrl-C test)
     _, _, children = parent_and_children(uri, "killed")
     assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+
+
+def _failing_trial(config):
+    raise ValueError("this trial fails on purpose")
+
+
+@pytest.mark.integration
+def test_a_failed_trials_error_pickle_is_signed_and_a_crafted_one_refused(ray_cluster, tmp_path):
+    """Ray writes a failed trial's exception to `<trial>/error.pkl`, and a resumed search's results
+    unpickle it: the signer signs Ray's own on the state save that uploads it, and one replaced by a
+    writer of the storage is refused before anything reads it."""
+    from ray import tune
+
+    key_file = str(tmp_path / "keys" / "k")
+    key = tune_state.load_key(key_file, create=True)
+    run_config = tune.RunConfig(name="s", storage_path=str(tmp_path / "tune"), verbose=0,
+                                callbacks=[tune_state.StateSigner("s", key_file)])  # fmt: skip
+    tuner = tune.Tuner(_failing_trial, run_config=run_config)
+    fs, folder = pafs.LocalFileSystem(), str(tmp_path / "tune" / "s")
+    tune_state.sign_stored(key, "s", fs, folder, ["tuner.pkl"])  # as jobs/tune.py does
+    results = tuner.fit()
+    assert results.errors, "the trial was meant to fail"
+    names = tune_state.verify(key, "s", fs, folder)
+    errors = [n for n in names if n.endswith("/error.pkl")]
+    assert len(errors) == 1, names
+    marker = tmp_path / "code-ran"
+    with open(os.path.join(folder, errors[0]), "wb") as f:
+        f.write(pickle.dumps(Payload(marker)))
+    with pytest.raises(tune_state.StateRefused, match=f"{errors[0]} is not signed"):
+        tune_state.verify(key, "s", fs, folder)
+    assert not marker.exists()
