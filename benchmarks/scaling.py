@@ -17,7 +17,6 @@ the extra Ray actors, the gradient all-reduce and smaller per-worker convolution
 import argparse
 import os
 import statistics
-import tempfile
 
 from benchmarks import train_overhead as to
 from benchmarks import train_step as ts
@@ -70,15 +69,8 @@ def summarize(args, results: list[dict]) -> list[dict]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    results = []
-    with tempfile.TemporaryDirectory(prefix="scaling_") as workdir:
-        data, why = ts.ingest_once(args, workdir)
-        if not data:
-            raise SystemExit(why)
-        for repeat in range(args.repeats):
-            for n in args.counts:
-                out = run_one(args, n, data, workdir)
-                results.append(ts.emit({**out, "workers_asked": n, "repeat": repeat}))
+    results = to.interleaved(args, "scaling_", args.counts,
+                             lambda n, data, workdir: {**run_one(args, n, data, workdir), "workers_asked": n})
     rows = summarize(args, results)
     ts.emit({"mode": "summary", "device": args.device, "global_batch": args.global_batch, "size": args.size,
              "threads": args.threads, "cores": os.cpu_count(), "rows": rows})

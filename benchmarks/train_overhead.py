@@ -183,16 +183,23 @@ def main(argv=None) -> None:
             print(json.dumps(out), flush=True)
         return
     modes = [m.strip() for m in args.only.split(",") if m.strip()] or list(MODES)
+    results = interleaved(args, "train_overhead_", modes, lambda m, data, work: measure(args, m, data, work))
+    summary = ts.emit(summarize(args, results, modes))
+    print_table(summary)
+
+
+def interleaved(args, prefix: str, keys, measure) -> list[dict]:
+    """measure(key, data, workdir) for every key once per repeat, the keys taking turns (so that load
+    drift hits all alike), on data ingested once into a temp dir; each result printed as it comes."""
     results = []
-    with tempfile.TemporaryDirectory(prefix="train_overhead_") as workdir:
+    with tempfile.TemporaryDirectory(prefix=prefix) as workdir:
         data, why = ts.ingest_once(args, workdir)
         if not data:
             raise SystemExit(why)
         for repeat in range(args.repeats):
-            for mode in modes:
-                results.append(ts.emit({**measure(args, mode, data, workdir), "repeat": repeat}))
-    summary = ts.emit(summarize(args, results, modes))
-    print_table(summary)
+            for key in keys:
+                results.append(ts.emit({**measure(key, data, workdir), "repeat": repeat}))
+    return results
 
 
 if __name__ == "__main__":
