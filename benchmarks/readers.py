@@ -17,7 +17,7 @@ processes hits both alike) and prints, as medians of --repeats epochs with their
   fixed cost against its goal (< 1 s).
 The reader settings are those of the datasets' recipes (facades: load 286, crop 256, flip;
 mnist2mnistm: 32 px, no flip). Ray is started here with a fixed num_cpus and
-RAY_worker_niceness=0, so that its workers compete with the driver on equal terms.
+launch.worker_niceness, as a job starts its own: workers compete with the driver on equal terms.
 """
 
 import argparse
@@ -30,7 +30,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from pipeline import data
+from pipeline import data, launch
 
 DEFAULT_SRC = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 SETTINGS = {  # the recipes' reader settings (jobs/recipes.py)
@@ -121,11 +121,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     torch.set_num_threads(1)
-    os.environ["RAY_worker_niceness"] = "0"  # read by the workers Ray starts below
     import ray
 
     paths = {name: ingested(name, args.src_root, args.data_root) for name in args.datasets}
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    with launch.worker_niceness():  # as a job's own local Ray
+        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no "Starting execution" line per epoch
     try:

@@ -14,8 +14,8 @@ images/s is the loop's own perf/images_per_s on rank 0 (global images: batch × 
 after the warm-up, as benchmarks.train_step counts it, and rank 0's CPU ms per step (its process time:
 on a shared box it moves less than wall time). Printed: one JSON line per run, a summary
 line with medians, spreads (min–max) and ray_overhead_N = 1 − rayN ÷ torchrunN (goal ≤ 0.10),
-then a table. RAY_worker_niceness defaults to 0 here (Ray's own default, 15, leaves the training
-worker the last share of a busy machine: see the README's Ray Train section).
+then a table. Ray is started as a job starts its own (launch.worker_niceness: workers at niceness 0
+unless RAY_worker_niceness says otherwise; see the README's Ray Train section).
 """
 
 import argparse
@@ -83,7 +83,7 @@ def child_config(args, mode: str):
 
 def run_child(args) -> dict:
     """One measurement, in this process (plain, a torchrun rank, or the Ray driver)."""
-    from pipeline import loop
+    from pipeline import launch, loop
 
     cfg = child_config(args, args.child)
     path = os.path.join(args.workdir, f"{args.child}-{os.getppid()}.json")
@@ -92,8 +92,8 @@ def run_child(args) -> dict:
         import ray
 
         cpus = math.ceil(cfg.scaling.cpus_per_worker * cfg.scaling.num_workers) + 1
-        ray.init(num_cpus=cpus, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+        with launch.worker_niceness():  # as a job's own local Ray
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
             result = loop.ray_trainer(cfg, make_tracker=RankZero(path)).fit()
         finally:
@@ -123,7 +123,7 @@ def child_argv(args, mode: str, data: str, workdir: str) -> list[str]:
 
 def measure(args, mode: str, data: str, workdir: str) -> dict:
     env = {"OMP_NUM_THREADS": str(max(1, args.threads // workers(mode))), "PYTHONWARNINGS": "ignore"}
-    env = {**os.environ, **env, "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0")}
+    env = {**os.environ, **env}
     start, load = time.perf_counter(), os.getloadavg()[0]
     proc = subprocess.run(child_argv(args, mode, data, workdir), capture_output=True, text=True, env=env,
                           cwd=ts.REPO)

@@ -181,9 +181,9 @@ def ray_side(args, payload) -> None:
     Then the crossover `runner.crossover` computes from the measured per-image time and fixed cost."""
     import ray
 
-    os.environ.setdefault("RAY_worker_niceness", "0")  # actors at the driver's priority, not below it
     started = time.perf_counter()
-    ray.init(num_cpus=args.actors, include_dashboard=False, log_to_driver=False)
+    with launch.worker_niceness():  # actors at the driver's priority, as a job's own local Ray
+        ray.init(num_cpus=args.actors, include_dashboard=False, log_to_driver=False)
     ray_start = time.perf_counter() - started
     print(f"Ray: {args.actors} one-CPU actors, ray.init {ray_start:.1f} s (not in the figures); "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
