@@ -4,6 +4,7 @@ and a batch moved to the device. The order depends only on the seed, the epoch a
 resumed run reads exactly what an uninterrupted one would (see pipeline.data's epoch order).
 """
 
+import dataclasses
 import threading
 
 import torch
@@ -49,7 +50,9 @@ def batch_stream(cfg, world: int, rank: int, progress, per_step: int = 1):
     `per_step` batches. With the Ray Data reader the next epoch starts reading halfway through this
     one: a fresh Ray Data execution takes seconds to yield its first batch, which would otherwise
     stall every epoch boundary."""
-    per_epoch, read_ahead = batches_per_epoch(cfg, world), reader_used(cfg)[0] == "ray"
+    used = reader_used(cfg)[0]  # auto resolved once (it reads the manifest), not once per epoch
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, reader=used))
+    per_epoch, read_ahead = batches_per_epoch(cfg, world), used == "ray"
     epoch, skip = progress.epoch, progress.batch
     consumed, needed = progress.step * per_step, cfg.train.steps * per_step  # batches
     if skip >= per_epoch:
