@@ -250,9 +250,12 @@ def start_ray() -> None:
     import ray
     from ray.data import DataContext
 
+    from pipeline.launch import worker_niceness
+
     if not ray.is_initialized():
-        ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+        with worker_niceness():  # as the jobs' own local Ray
+            ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.WARNING)
     DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-dataset INFO lines, on its own logger
 

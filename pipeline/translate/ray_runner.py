@@ -60,13 +60,14 @@ class Pool:
         return bool(ray.wait(self.probes, num_returns=1, timeout=0)[0])
 
     def batches(self, batches: Iterable[list[dict]]) -> Iterator[list[dict]]:
-        """Each batch of rows through the pool (IN_FLIGHT per actor, the next to the first one
-        free); yields each batch's entries as it completes (in completion order)."""
+        """Each list of rows (the caller cuts them to `self.piece`) through the pool (IN_FLIGHT per
+        actor, the next to the first one free); yields each one's entries as it completes (in
+        completion order)."""
         import ray
 
         pending = {}  # result ref -> actor
         free = [a for a in self.actors for _ in range(IN_FLIGHT)]
-        batches = (batch[i:i + self.piece] for batch in batches for i in range(0, len(batch), self.piece))
+        batches = iter(batches)
         while True:
             while free:
                 rows = next(batches, None)
@@ -96,4 +97,7 @@ def start_ray() -> None:
     """A local Ray with this machine's CPUs (jobs/translate.py passes its own: --address, bars)."""
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    from pipeline.launch import worker_niceness
+
+    with worker_niceness():
+        ray.init(include_dashboard=False, log_to_driver=False)
