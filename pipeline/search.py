@@ -18,8 +18,8 @@ import os
 
 from pipeline.config import ConfigError
 from pipeline.run_config import RunConfig, from_json, override, to_json
+from pipeline.terminal import lower_is_better
 
-LOWER_IS_BETTER = ("l1", "fid", "kid", "cycle_l1", "loss")
 CONTINUOUS = ("uniform", "loguniform")
 
 
@@ -115,8 +115,7 @@ def metric_mode(metric: str, mode: str | None = None) -> str:
         if mode not in ("min", "max"):
             raise ConfigError(f"--mode must be min or max, got {mode!r}")
         return mode
-    name = metric.split("/")[-1]
-    return "min" if name.startswith(LOWER_IS_BETTER) else "max"
+    return "min" if lower_is_better(metric) else "max"
 
 
 def check_metric(metric: str) -> None:

@@ -15,7 +15,7 @@ import time
 
 PLAIN_EVERY_S = 15.0  # a line per quarter minute keeps a forwarded log readable
 TTY_EVERY_S = 0.5
-LOWER_IS_BETTER = ("l1", "fid", "kid", "cycle_l1", "loss")  # as pipeline.search: min for these
+LOWER_IS_BETTER = ("l1", "fid", "kid", "cycle_l1", "loss")  # metric names (after the last /) to minimise
 
 
 def clock(seconds: float) -> str:
