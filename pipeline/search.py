@@ -147,12 +147,13 @@ def trial_run_id(cfg: RunConfig, trial_id: str, search_name: str, display_name: 
     from pipeline.tracking import attach_dataset, create_config_run, find_run
 
     tags = {"tune.trial_id": trial_id, "tune.search": search_name}
-    found = find_run(cfg.tracking.uri, cfg.tracking.experiment, tags)
-    if found:
-        return found
-    tags.update({"model": cfg.model_name, "recipe": cfg.recipe, "dataset": cfg.data.dataset,
-                 "tune.trial_name": cfg.tracking.run_name})
-    run_id = create_config_run(cfg, tags, run_name=display_name or None)
+    run_id = find_run(cfg.tracking.uri, cfg.tracking.experiment, tags)
+    if not run_id:
+        tags.update({"model": cfg.model_name, "recipe": cfg.recipe, "dataset": cfg.data.dataset,
+                     "tune.trial_name": cfg.tracking.run_name})
+        run_id = create_config_run(cfg, tags, run_name=display_name or None)
+    # Also for a found run: its first try may have stopped between creating it and attaching
+    # (attaching twice links the dataset once).
     attach_dataset(cfg, run_id, read_manifest(cfg.data.path, cfg.storage.endpoint or None))
     return run_id
 

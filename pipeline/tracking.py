@@ -144,11 +144,28 @@ def dataset_entity(manifest: dict, name: str):
     return IngestedDataset(source, name, digest, manifest.get("counts", {}))._to_mlflow_entity()
 
 
+DATASET_TRIES = 3
+
+
 def log_dataset(tracking_uri: str, run_id: str, manifest: dict, name: str, context: str = "training") -> None:
-    """Attach the ingested dataset to the run (its Datasets panel, `mlflow.log_input`)."""
+    """Attach the ingested dataset to the run (its Datasets panel, `mlflow.log_input`).
+
+    Why the retry: two runs of one experiment attaching the same dataset at the same moment (a
+    search's trials) race on MLflow's datasets table, whose key is (experiment, name, digest). The
+    loser gets BAD_REQUEST "UNIQUE constraint failed" (SQLite) or "duplicate key" (PostgreSQL),
+    which MLflow's client does not retry. By then the dataset row exists, so one more try links the
+    run to it (`log_inputs` is idempotent for a run already linked)."""
     tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)]
     dataset = DatasetInput(dataset_entity(manifest, name), tags)
-    MlflowClient(tracking_uri).log_inputs(run_id, datasets=[dataset])
+    client = MlflowClient(tracking_uri)
+    for attempt in range(1, DATASET_TRIES + 1):
+        try:
+            client.log_inputs(run_id, datasets=[dataset])
+            return
+        except MlflowException:
+            if attempt == DATASET_TRIES:
+                raise
+            time.sleep(0.2 * attempt)
 
 
 def find_run(tracking_uri: str, experiment: str, tags: dict) -> str | None:

@@ -322,3 +322,55 @@ def test_sample_grids_have_tiles_of_at_least_128_px(tracked_run, tmp_path):
     assert (grid.height - 2) // rows - 2 >= 128 and (grid.width - 2) // columns - 2 >= 128, grid.size
     pixels = np.asarray(grid)
     assert (pixels[2:130:4, 2:130:4] == pixels[3:131:4, 3:131:4]).all()  # nearest: 4×4 blocks of one colour
+
+
+# ----------------------------------------------------------------------------- datasets attached at once
+
+
+def test_runs_attaching_one_dataset_at_the_same_moment_all_get_it(mlflow_server):
+    """A search's trials attach the same dataset together; MLflow refuses the slower insert of the
+    dataset row (BAD_REQUEST, UNIQUE constraint). Before the retry about half of these pairs lost
+    one run's dataset (and the trial failed)."""
+    import threading
+
+    client = MlflowClient(mlflow_server.uri)
+    manifest = {"content_hash": uuid.uuid4().hex, "counts": {"train": {"a": 4, "b": 4}}, "source": "/data/x"}
+    for _ in range(8):
+        experiment = client.create_experiment(unique("race"))
+        runs = [client.create_run(experiment).info.run_id for _ in range(2)]
+        barrier, errors = threading.Barrier(len(runs)), []
+
+        def attach(run_id, barrier=barrier, errors=errors):
+            barrier.wait()
+            try:
+                tracking.log_dataset(mlflow_server.uri, run_id, manifest, "facades")
+            except MlflowException as error:
+                errors.append(error)
+
+        threads = [threading.Thread(target=attach, args=(run_id,)) for run_id in runs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors
+        assert [len(client.get_run(r).inputs.dataset_inputs) for r in runs] == [1, 1]
+
+
+def test_a_trial_run_found_again_gets_its_dataset_once(mlflow_server, facades_small_dst, tmp_path):
+    """A trial that stopped between creating its run and attaching the dataset, then restarted,
+    finds its run; the run then carries the dataset, and only once however often it is found."""
+    from runs import tiny_run
+
+    from pipeline.data import read_manifest
+    from pipeline.search import trial_run_id
+
+    cfg = tiny_run(tmp_path, facades_small_dst, steps=2, every=2)
+    cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
+        cfg.tracking, uri=mlflow_server.uri, experiment=unique("trials")))
+    search_name = unique("search")
+    first = tracking.create_run(mlflow_server.uri, cfg.tracking.experiment, "t0", params={},
+                                tags={"tune.trial_id": "t_00000", "tune.search": search_name})
+    for _ in range(2):
+        assert trial_run_id(cfg, "t_00000", search_name) == first
+    (given,) = MlflowClient(mlflow_server.uri).get_run(first).inputs.dataset_inputs
+    assert given.dataset.digest == read_manifest(facades_small_dst)["content_hash"][:36]
