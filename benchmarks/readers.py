@@ -17,7 +17,7 @@ processes hits both alike) and prints, as medians of --repeats epochs with their
   fixed cost against its goal (< 1 s).
 The reader settings are those of the datasets' recipes (facades: load 286, crop 256, flip;
 mnist2mnistm: 32 px, no flip). Ray is started here with a fixed num_cpus and
-launch.worker_niceness, as a job starts its own: workers compete with the driver on equal terms.
+launch.local_ray_env, as a job starts its own: workers compete with the driver on equal terms.
 """
 
 import argparse
@@ -124,7 +124,7 @@ def main() -> None:
     import ray
 
     paths = {name: ingested(name, args.src_root, args.data_root) for name in args.datasets}
-    with launch.worker_niceness():  # as a job's own local Ray
+    with launch.local_ray_env():  # as a job's own local Ray
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no "Starting execution" line per epoch

@@ -14,8 +14,8 @@ images/s is the loop's own perf/images_per_s on rank 0 (global images: batch × 
 after the warm-up, as benchmarks.train_step counts it, and rank 0's CPU ms per step (its process time:
 on a shared box it moves less than wall time). Printed: one JSON line per run, a summary
 line with medians, spreads (min–max) and ray_overhead_N = 1 − rayN ÷ torchrunN (goal ≤ 0.10),
-then a table. Ray is started as a job starts its own (launch.worker_niceness: workers at niceness 0
-unless RAY_worker_niceness says otherwise; see the README's Ray Train section).
+then a table. Ray is started as a job starts its own (launch.local_ray_env: workers at niceness 0,
+no preemption watcher, unless the environment says otherwise; see the README's Ray Train section).
 """
 
 import argparse
@@ -92,7 +92,7 @@ def run_child(args) -> dict:
         import ray
 
         cpus = math.ceil(cfg.scaling.cpus_per_worker * cfg.scaling.num_workers) + 1
-        with launch.worker_niceness():  # as a job's own local Ray
+        with launch.local_ray_env():  # as a job's own local Ray
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
             result = loop.ray_trainer(cfg, make_tracker=RankZero(path)).fit()

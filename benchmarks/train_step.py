@@ -432,7 +432,7 @@ def run_ray1(args, reader: str = "ray") -> dict:
     cfg = loop_config(args, args.child, reader)
     rows_path = os.path.join(args.workdir, f"{cfg.tracking.run_name}.json")
     start = time.perf_counter()  # logical CPUs: the worker's threads, plus room for Ray Data's tasks
-    with launch.worker_niceness():  # as a job's own local Ray
+    with launch.local_ray_env():  # as a job's own local Ray
         ray.init(num_cpus=args.threads + 2, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     DataContext.get_current().enable_progress_bars = False

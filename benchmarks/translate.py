@@ -182,7 +182,7 @@ def ray_side(args, payload) -> None:
     import ray
 
     started = time.perf_counter()
-    with launch.worker_niceness():  # actors at the driver's priority, as a job's own local Ray
+    with launch.local_ray_env():  # actors at the driver's priority, as a job's own local Ray
         ray.init(num_cpus=args.actors, include_dashboard=False, log_to_driver=False)
     ray_start = time.perf_counter() - started
     print(f"Ray: {args.actors} one-CPU actors, ray.init {ray_start:.1f} s (not in the figures); "

@@ -250,10 +250,10 @@ def start_ray() -> None:
     import ray
     from ray.data import DataContext
 
-    from pipeline.launch import worker_niceness
+    from pipeline.launch import local_ray_env
 
     if not ray.is_initialized():
-        with worker_niceness():  # as the jobs' own local Ray
+        with local_ray_env():  # as the jobs' own local Ray
             ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=False,
                      logging_level=logging.WARNING)
     DataContext.get_current().enable_progress_bars = False

@@ -15,6 +15,7 @@ from runs import checkpoint_dir, tiny_run
 from safetensors.torch import load_file
 
 from models import MODELS
+from pipeline import launch
 from pipeline.launch import previous_run
 from pipeline.loop import ray_trainer, run_plain
 from pipeline.run_config import override
@@ -162,20 +163,25 @@ def test_a_worker_runs_as_many_torch_threads_as_its_cpus(tmp_path, facades_small
     assert seen.read_text() == "2"
 
 
-NICENESS_PROBE = """
+LOCAL_RAY_PROBE = """
 import os
+from ray._private.ray_constants import env_bool
+from ray.train.v2._internal.constants import ENABLE_PREEMPTION_WATCHER_ENV_VAR as WATCHER
 from pipeline import launch
 ray = launch.init_ray(None, 1)
-print(ray.get(ray.remote(lambda: os.nice(0)).options(num_cpus=0).remote()))
-print(os.environ.get("RAY_worker_niceness"))
+seen = ray.remote(lambda: (os.nice(0), env_bool(WATCHER, True))).options(num_cpus=0).remote()
+print(*ray.get(seen), os.environ.get("RAY_worker_niceness"), os.environ.get(WATCHER))
 """
 
 
-def test_a_local_ray_started_by_a_job_runs_its_workers_at_niceness_0():
+def test_a_local_ray_started_by_a_job_runs_its_workers_at_niceness_0_without_preemption_watcher():
     """Ray's default worker niceness (15) leaves a training worker the last share of a busy machine;
-    a job's own local Ray starts them at 0, and the driver's environment is left as it was."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_worker_niceness")}
-    out = subprocess.run([sys.executable, "-c", NICENESS_PROBE], env=env, capture_output=True, text=True,
+    a job's own local Ray starts them at 0. Train V2's preemption watcher (an actor polling for
+    drained nodes) is off there, as Ray's controller reads it. The driver's environment is left as
+    it was."""
+    drop = ("RAY_ADDRESS", *launch.LOCAL_RAY_ENV)
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    out = subprocess.run([sys.executable, "-c", LOCAL_RAY_PROBE], env=env, capture_output=True, text=True,
                          timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-2:] == ["0", "None"]
+    assert out.stdout.split()[-4:] == ["0", "False", "None", "None"]

@@ -97,7 +97,7 @@ def start_ray() -> None:
     """A local Ray with this machine's CPUs (jobs/translate.py passes its own: --address, bars)."""
     import ray
 
-    from pipeline.launch import worker_niceness
+    from pipeline.launch import local_ray_env
 
-    with worker_niceness():
+    with local_ray_env():
         ray.init(include_dashboard=False, log_to_driver=False)
